@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Builds the hermetic control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl), kwok and helm from the Go module proxy into a versioned
+# cache. Idempotent: a binary already in the cache is never rebuilt.
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-v1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v3.19.0}
+CACHE_ROOT=${TEMPER_CACHE:-$HOME/.cache/temper}
+BIN=${TEMPER_BIN:-$CACHE_ROOT/k8s-$K8S_VERSION/bin}
+SRC=$CACHE_ROOT/src
+export GOFLAGS=${GOFLAGS:--mod=mod}
+export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+# Staging modules are published as v0.N.P for kubernetes v1.N.P.
+STAGING_VERSION=v0.${K8S_VERSION#v1.}
+
+mkdir -p "$BIN" "$SRC"
+log() { printf '[build-tools %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+have() { [ -x "$BIN/$1" ]; }
+
+build_etcd() {
+  have etcd && return 0
+  log "building etcd $ETCD_VERSION"
+  local dir=$SRC/etcd-$ETCD_VERSION
+  mkdir -p "$dir"
+  cat >"$dir/main.go" <<'GO'
+// Wrapper so etcd's server module, which carries replace directives, can be built
+// from the module proxy.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  (cd "$dir" && rm -f go.mod go.sum && go mod init temper.local/etcd >/dev/null 2>&1 &&
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null 2>&1 &&
+    for m in api/v3 client/pkg/v3 client/v3 pkg/v3; do go mod edit -require="go.etcd.io/etcd/$m@$ETCD_VERSION"; done &&
+    go mod tidy >/dev/null &&
+    go build -trimpath -o "$BIN/etcd.tmp" . && mv "$BIN/etcd.tmp" "$BIN/etcd")
+}
+
+build_kubernetes() {
+  local missing=0
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do have $c || missing=1; done
+  [ $missing = 0 ] && return 0
+  log "building kubernetes $K8S_VERSION (staging $STAGING_VERSION)"
+  local dir=$SRC/kubernetes-$K8S_VERSION
+  mkdir -p "$dir"
+  cd "$dir"
+  rm -f go.mod go.sum
+  go mod init temper.local/kubernetes >/dev/null 2>&1
+  # The staging list comes from kubernetes' own go.mod, so it cannot drift from the release.
+  local gomod
+  gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  local staging
+  staging=$(awk '$2=="=>" && $3 ~ /^\.\/staging\// {print $1}' "$gomod")
+  [ -n "$staging" ] || { log "no staging replaces found in $gomod"; exit 1; }
+  log "$(echo "$staging" | wc -l) staging modules"
+  local args=()
+  for m in $staging; do args+=("-replace=$m=$m@$STAGING_VERSION"); done
+  go mod edit -require="k8s.io/kubernetes@$K8S_VERSION" "${args[@]}"
+  # Carry over kubernetes' other (non-staging) replaces as well, if it has any.
+  awk '$2=="=>" && $3 !~ /^\.\// && NF==4 {print $1"="$3"@"$4}' "$gomod" | while read -r r; do go mod edit -replace="$r"; done
+  cat > tools.go <<'GO'
+//go:build tools
+
+package tools
+GO
+  local ver=${K8S_VERSION#v}
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+    -X k8s.io/component-base/version.gitMajor=${ver%%.*} \
+    -X k8s.io/component-base/version.gitMinor=$(echo "$ver" | cut -d. -f2) \
+    -X k8s.io/component-base/version.gitTreeState=clean \
+    -X k8s.io/component-base/version.buildDate=1970-01-01T00:00:00Z \
+    -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    have $c && continue
+    log "  go build $c"
+    go get "k8s.io/kubernetes/cmd/$c@$K8S_VERSION" >/dev/null 2>&1 || true
+    go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$BIN/$c.tmp" "k8s.io/kubernetes/cmd/$c"
+    mv "$BIN/$c.tmp" "$BIN/$c"
+  done
+  cd - >/dev/null
+}
+
+build_go_install() { # name module version
+  have "$1" && return 0
+  log "go install $2@$3"
+  GOBIN=$BIN go install -trimpath "$2@$3"
+}
+
+build_etcd
+build_kubernetes
+build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+build_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+log "tools ready in $BIN"
+echo "$BIN"

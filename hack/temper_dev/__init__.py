@@ -1,0 +1,1 @@
+"""Development and test harness: the hermetic cluster, the exec node, a loopback S3."""
