@@ -1,0 +1,42 @@
+# Entry points. Every target does its own setup, so each works on a fresh machine.
+VENV ?= $(HOME)/.cache/temper/venv-py311
+PY := $(VENV)/bin/python
+export TEMPER_VENV := $(VENV)
+
+.PHONY: all setup tools venv crds lint typecheck unit test demo clean-cluster
+
+all: test
+
+tools:
+	bash hack/build-tools.sh
+
+venv:
+	bash hack/setup-venv.sh
+
+setup: tools venv
+
+crds: venv
+	$(PY) -m temper.api.crdgen
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: venv
+	$(PY) -m mypy
+
+unit: venv
+	$(PY) -m pytest -m unit -q
+
+# The test command: lint, types, then every test (unit, cluster, e2e) against the
+# hermetic control plane. Cluster tests fail, never skip, if the cluster cannot start.
+test: setup
+	$(MAKE) --no-print-directory lint typecheck
+	$(PY) -m pytest -q
+
+# The main job: hermetic cluster + loopback S3 + operator + the quickstart pipeline.
+demo: setup
+	$(PY) -m temper_dev.demo
+
+clean-cluster: venv
+	$(PY) -m temper_dev.cluster down
