@@ -51,7 +51,9 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = Field(None, alias="endpointUrl")
     region: str = "us-east-1"
     addressing_style: Literal["path", "virtual", "auto"] = Field("path", alias="addressingStyle")
-    multipart_threshold_bytes: int = Field(64 * 1024 * 1024, alias="multipartThresholdBytes", ge=5 * 1024 * 1024)
+    multipart_threshold_bytes: int = Field(
+        64 * 1024 * 1024, alias="multipartThresholdBytes", ge=5 * 1024 * 1024
+    )
     multipart_chunk_bytes: int = Field(16 * 1024 * 1024, alias="multipartChunkBytes", ge=5 * 1024 * 1024)
 
 
@@ -163,7 +165,7 @@ class OutputSpec(_Strict):
 
 class StageContract(_Strict):
     api_version: Literal["temper.dev/v1alpha1"] = Field("temper.dev/v1alpha1", alias="apiVersion")
-    kind: Literal["StageContract"] = CONTRACT_KIND
+    kind: Literal["StageContract"] = "StageContract"
     run: RunRef
     stage: StageRef
     base_model: str = Field(alias="baseModel")  # builtin://tiny, s3://..., /path
