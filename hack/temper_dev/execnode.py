@@ -1,0 +1,893 @@
+"""The exec node: a minimal node agent that runs pods bound to Node ``exec-node`` as processes.
+
+It registers the Node (GPU capacity and taint like the kwok nodes, so GPU pods can land here),
+renews its Lease, watches its pods and runs each container's ``command`` + ``args`` locally in
+its own process group. Per pod it keeps a scratch dir ``<state>/pods/<ns>/<name>/<uid>/`` with
+``volumes/`` (emptyDir, configMap and secret files), ``home/``, ``tmp/``, ``logs/<c>.log`` and
+``termination/<c>`` (the container's ``TEMPER_TERMINATION_LOG``).
+
+What it cannot honour it rejects by failing the pod with reason ``UnsupportedPodSpec``: other
+volume types (including the projected service-account token: set
+``automountServiceAccountToken: false``), container commands taken from the image, sidecars,
+lifecycle hooks and resourceFieldRef env. Not enforced locally (documented, not hidden):
+securityContext user/group IDs and capabilities (PodSecurity admission still checks the spec),
+resource limits, probes (the container counts as ready once started) and images.
+
+The pure functions (env resolution, path rewriting, status building, validation) are unit
+tested in ``tests/unit/test_execnode_*.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NODE_NAME = "exec-node"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+EXEC_GPUS = 4
+LEASE_SECONDS = 40
+HEARTBEAT_SECONDS = 10
+MAX_TERMINATION_MESSAGE = 4096
+FALLBACK_LOG_LINES = 80
+POD_IP = "127.0.0.1"
+SUPPORTED_VOLUMES = ("emptyDir", "configMap", "secret")
+UNSUPPORTED_REASON = "UnsupportedPodSpec"
+CONFIG_ERROR_REASON = "CreateContainerConfigError"
+
+log = logging.getLogger("temper_dev.execnode")
+
+Pod = dict[str, Any]
+
+
+class PodSpecError(ValueError):
+    """The pod asks for something this agent cannot honour; the message names the field."""
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_dirs(state_dir: Path | str, namespace: str, name: str) -> list[Path]:
+    """Scratch dirs of every incarnation of a pod name, oldest first."""
+    base = Path(state_dir) / "pods" / namespace / name
+    if not base.is_dir():
+        return []
+    return sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+def validate_pod(pod: Pod) -> None:
+    """Raise PodSpecError naming the first field the agent cannot honour."""
+    spec = pod.get("spec", {})
+    for index, volume in enumerate(spec.get("volumes") or []):
+        kinds = [k for k in volume if k != "name"]
+        if not any(k in SUPPORTED_VOLUMES for k in kinds):
+            kind = kinds[0] if kinds else "?"
+            hint = ""
+            if kind == "projected" and "kube-api-access" in volume.get("name", ""):
+                hint = " (service-account token; set automountServiceAccountToken: false)"
+            raise PodSpecError(
+                f"spec.volumes[{index}] ({volume.get('name')}): volume type {kind!r} is not "
+                f"supported by the exec node{hint}; supported: {', '.join(SUPPORTED_VOLUMES)}"
+            )
+    for group in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(group) or []):
+            where = f"spec.{group}[{index}] ({container.get('name')})"
+            if not container.get("command"):
+                raise PodSpecError(f"{where}.command: required on the exec node (it runs no images)")
+            if group == "initContainers" and container.get("restartPolicy") == "Always":
+                raise PodSpecError(f"{where}.restartPolicy: sidecar containers are not supported")
+            if container.get("lifecycle"):
+                raise PodSpecError(f"{where}.lifecycle: hooks are not supported")
+            for env_index, env in enumerate(container.get("env") or []):
+                source = env.get("valueFrom") or {}
+                if "resourceFieldRef" in source:
+                    raise PodSpecError(
+                        f"{where}.env[{env_index}] ({env.get('name')}): resourceFieldRef is not supported"
+                    )
+            for mount_index, mount in enumerate(container.get("volumeMounts") or []):
+                names = {v.get("name") for v in spec.get("volumes") or []}
+                if mount.get("name") not in names:
+                    raise PodSpecError(
+                        f"{where}.volumeMounts[{mount_index}]: unknown volume {mount.get('name')!r}"
+                    )
+    if spec.get("ephemeralContainers"):
+        raise PodSpecError("spec.ephemeralContainers: not supported")
+
+
+def _field_ref(pod: Pod, path: str) -> str:
+    meta = pod.get("metadata", {})
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", ""),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": pod.get("spec", {}).get("nodeName", ""),
+        "spec.serviceAccountName": pod.get("spec", {}).get("serviceAccountName", ""),
+        "status.podIP": POD_IP,
+        "status.hostIP": POD_IP,
+    }
+    if path in simple:
+        return str(simple[path])
+    match = re.fullmatch(r"metadata\.(labels|annotations)(?:\['([^']+)'\])?", path)
+    if match:
+        values: Mapping[str, str] = meta.get(match.group(1)) or {}
+        if match.group(2) is not None:
+            return str(values.get(match.group(2), ""))
+        return "\n".join(f'{k}="{v}"' for k, v in sorted(values.items()))
+    raise PodSpecError(f"fieldRef.fieldPath {path!r} is not supported")
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand_vars(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: known names expand, ``$$`` escapes, unknown stay."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env[name] if name in env else match.group(0)
+
+    return _VAR_REF.sub(replace, text)
+
+
+Lookup = Callable[[str, str], Mapping[str, str] | None]
+"""(kind, name) -> data of that ConfigMap/Secret in the pod's namespace (decoded), or None."""
+
+
+def resolve_env(container: Mapping[str, Any], pod: Pod, lookup: Lookup) -> dict[str, str]:
+    """The container's env as Kubernetes defines it: envFrom first, then env in order."""
+    result: dict[str, str] = {}
+    for index, source in enumerate(container.get("envFrom") or []):
+        prefix = source.get("prefix") or ""
+        for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+            ref = source.get(key)
+            if ref is None:
+                continue
+            data = lookup(kind, ref["name"])
+            if data is None:
+                if ref.get("optional"):
+                    continue
+                raise PodSpecError(f"envFrom[{index}].{key}: {kind} {ref['name']!r} not found")
+            result.update({prefix + k: v for k, v in data.items()})
+    for env in container.get("env") or []:
+        name = env["name"]
+        if "valueFrom" not in env:
+            result[name] = expand_vars(env.get("value") or "", result)
+            continue
+        source = env["valueFrom"]
+        if "fieldRef" in source:
+            result[name] = _field_ref(pod, source["fieldRef"]["fieldPath"])
+            continue
+        for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+            ref = source.get(key)
+            if ref is None:
+                continue
+            data = lookup(kind, ref["name"])
+            if data is None or ref["key"] not in data:
+                if ref.get("optional"):
+                    break
+                what = f"{kind} {ref['name']!r}" if data is None else f"key {ref['key']!r}"
+                raise PodSpecError(f"env {name}.valueFrom.{key}: {what} not found")
+            result[name] = data[ref["key"]]
+            break
+        else:
+            raise PodSpecError(f"env {name}.valueFrom: unsupported source {sorted(source)}")
+    return result
+
+
+def rewrite_paths(text: str, mounts: Mapping[str, str]) -> str:
+    """Replace each mountPath prefix in ``text`` by its local dir (longest mount first).
+
+    A mountPath matches only as a whole path component: ``/data`` rewrites ``/data`` and
+    ``/data/x`` and ``--out=/data/x`` but not ``/database``.
+    """
+    if not mounts:
+        return text
+    by_path = {m.rstrip("/") or "/": local for m, local in mounts.items()}
+    # One pass, longest mount first, so a replacement is never rewritten again.
+    alternatives = "|".join(re.escape(m) for m in sorted(by_path, key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w.\-/])(" + alternatives + r")(?=/|$|[^\w.\-])")
+
+    def replace(match: re.Match[str]) -> str:
+        return by_path[match.group(1)]
+
+    return pattern.sub(replace, text)
+
+
+def termination_message(written: str, log_text: str, exit_code: int, policy: str | None) -> str:
+    """What the kubelet reports as terminated.message (file first, logs as fallback)."""
+    message = written[-MAX_TERMINATION_MESSAGE:] if written else ""
+    if not message and exit_code != 0 and policy == "FallbackToLogsOnError":
+        lines = log_text.splitlines()[-FALLBACK_LOG_LINES:]
+        message = "\n".join(lines)[-MAX_TERMINATION_MESSAGE:]
+    return message
+
+
+@dataclass
+class ContainerState:
+    name: str
+    image: str
+    state: str = "waiting"  # waiting | running | terminated
+    reason: str = "ContainerCreating"
+    message: str = ""
+    exit_code: int = 0
+    started_at: str = ""
+    finished_at: str = ""
+    restart_count: int = 0
+
+    def as_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": "",
+            "restartCount": self.restart_count,
+            "ready": self.state == "running",
+            "started": self.state == "running",
+        }
+        if self.state == "running":
+            status["state"] = {"running": {"startedAt": self.started_at}}
+        elif self.state == "terminated":
+            terminated: dict[str, Any] = {
+                "exitCode": self.exit_code,
+                "reason": self.reason,
+                "startedAt": self.started_at or None,
+                "finishedAt": self.finished_at,
+            }
+            if self.message:
+                terminated["message"] = self.message
+            status["state"] = {"terminated": terminated}
+        else:
+            waiting: dict[str, Any] = {"reason": self.reason}
+            if self.message:
+                waiting["message"] = self.message
+            status["state"] = {"waiting": waiting}
+        return status
+
+
+def pod_phase(containers: list[ContainerState], restart_policy: str) -> str:
+    if any(c.state == "running" for c in containers):
+        return "Running"
+    if containers and all(c.state == "terminated" for c in containers):
+        if all(c.exit_code == 0 for c in containers):
+            return "Succeeded"
+        return "Failed" if restart_policy == "Never" else "Running"
+    return "Pending"
+
+
+def build_status(
+    phase: str,
+    containers: list[ContainerState],
+    init_containers: list[ContainerState],
+    start_time: str,
+    *,
+    reason: str = "",
+    message: str = "",
+) -> dict[str, Any]:
+    """A kubelet-like pod status (strategic-merge patch body)."""
+    now = now_rfc3339()
+    ready = phase == "Running" and all(c.state == "running" for c in containers)
+    initialized = all(c.state == "terminated" and c.exit_code == 0 for c in init_containers)
+    finished_reason = {"Succeeded": "PodCompleted", "Failed": "PodFailed"}.get(phase, "")
+
+    def condition(kind: str, ok: bool, why: str = "") -> dict[str, Any]:
+        cond: dict[str, Any] = {
+            "type": kind,
+            "status": "True" if ok else "False",
+            "lastTransitionTime": now,
+            "lastProbeTime": None,
+        }
+        if not ok and why:
+            cond["reason"] = why
+        return cond
+
+    not_ready_why = finished_reason or "ContainersNotReady"
+    status: dict[str, Any] = {
+        "phase": phase,
+        "hostIP": POD_IP,
+        "hostIPs": [{"ip": POD_IP}],
+        "podIP": POD_IP,
+        "podIPs": [{"ip": POD_IP}],
+        "startTime": start_time,
+        "conditions": [
+            condition("PodReadyToStartContainers", True),
+            condition("Initialized", initialized or phase != "Pending", "ContainersNotInitialized"),
+            condition("ContainersReady", ready, not_ready_why),
+            condition("Ready", ready, not_ready_why),
+        ],
+        "containerStatuses": [c.as_status() for c in containers],
+    }
+    if init_containers:
+        status["initContainerStatuses"] = [c.as_status() for c in init_containers]
+    if reason:
+        status["reason"] = reason
+    if message:
+        status["message"] = message
+    return status
+
+
+def container_env(
+    base: Mapping[str, str], resolved: Mapping[str, str], scratch: Path, termination_file: Path
+) -> dict[str, str]:
+    """Process env: a minimal base, the pod's env on top, scratch HOME/TMPDIR, venv on PATH."""
+    env = dict(base)
+    env["HOME"] = str(scratch / "home")
+    env["TMPDIR"] = str(scratch / "tmp")
+    env.update(resolved)
+    python_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env["PATH"] = python_dir + os.pathsep + path
+    env["TEMPER_TERMINATION_LOG"] = str(termination_file)
+    return env
+
+
+# --- the agent ------------------------------------------------------------------------------
+
+
+@dataclass
+class PodRunner:
+    """Runs one pod in a thread; ``stop(grace)`` handles deletion."""
+
+    agent: ExecNodeAgent
+    pod: Pod
+    thread: threading.Thread | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    grace_seconds: float = 30.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.pod["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.pod["metadata"]["name"])
+
+    @property
+    def uid(self) -> str:
+        return str(self.pod["metadata"]["uid"])
+
+    @property
+    def scratch(self) -> Path:
+        return self.agent.state_dir / "pods" / self.namespace / self.name / self.uid
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self, grace: float) -> None:
+        with self.lock:
+            if self.stopping.is_set():
+                return
+            self.grace_seconds = grace
+            self.stopping.set()
+            targets = list(self.processes.values())
+        for proc in targets:
+            _kill_group(proc, signal.SIGTERM)
+
+    def _run(self) -> None:
+        try:
+            self._run_pod()
+        except Exception as err:  # a bug here must surface on the pod, not vanish
+            log.exception("pod %s/%s crashed the runner", self.namespace, self.name)
+            self.agent.patch_status(
+                self.pod,
+                build_status("Failed", [], [], now_rfc3339(), reason="ExecNodeError", message=str(err)),
+            )
+        finally:
+            if self.stopping.is_set():
+                self.agent.finalize_deletion(self.pod)
+            self.agent.forget(self.uid)
+
+    def _fail(self, reason: str, message: str, start_time: str) -> None:
+        spec = self.pod["spec"]
+        containers = [
+            ContainerState(c["name"], c.get("image", ""), reason=reason, message=message)
+            for c in spec.get("containers", [])
+        ]
+        self.agent.patch_status(
+            self.pod, build_status("Failed", containers, [], start_time, reason=reason, message=message)
+        )
+
+    def _run_pod(self) -> None:
+        spec = self.pod["spec"]
+        start_time = now_rfc3339()
+        try:
+            validate_pod(self.pod)
+        except PodSpecError as err:
+            self._fail(UNSUPPORTED_REASON, str(err), start_time)
+            return
+        try:
+            mounts_by_volume = self._prepare_volumes()
+        except PodSpecError as err:
+            self._fail(CONFIG_ERROR_REASON, str(err), start_time)
+            return
+        init_states = [
+            ContainerState(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []
+        ]
+        states = [ContainerState(c["name"], c.get("image", "")) for c in spec.get("containers") or []]
+        restart_policy = spec.get("restartPolicy", "Always")
+        self.agent.patch_status(self.pod, build_status("Pending", states, init_states, start_time))
+        try:
+            envs = {
+                c["name"]: self._resolve_env_with_retry(c)
+                for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])
+            }
+        except PodSpecError as err:
+            self._fail(CONFIG_ERROR_REASON, str(err), start_time)
+            return
+
+        for container, state in zip(spec.get("initContainers") or [], init_states, strict=True):
+            while not self.stopping.is_set():
+                self._run_container(container, state, envs[container["name"]], mounts_by_volume)
+                self.agent.patch_status(self.pod, build_status("Pending", states, init_states, start_time))
+                if state.exit_code == 0 or restart_policy == "Never":
+                    break
+                state.restart_count += 1
+                time.sleep(min(10.0, 2.0**state.restart_count / 2))
+            if state.exit_code != 0 or self.stopping.is_set():
+                for other in states:
+                    other.reason = "PodInitializing"
+                self.agent.patch_status(self.pod, build_status("Failed", states, init_states, start_time))
+                return
+
+        threads = [
+            threading.Thread(
+                target=self._container_loop,
+                args=(
+                    container,
+                    state,
+                    envs[container["name"]],
+                    mounts_by_volume,
+                    restart_policy,
+                    states,
+                    init_states,
+                    start_time,
+                ),
+                daemon=True,
+            )
+            for container, state in zip(spec.get("containers") or [], states, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        phase = pod_phase(states, restart_policy)
+        if phase == "Running":  # stopped while a container waited to restart
+            phase = "Failed"
+        self.agent.patch_status(self.pod, build_status(phase, states, init_states, start_time))
+
+    def _container_loop(
+        self,
+        container: Mapping[str, Any],
+        state: ContainerState,
+        env: Mapping[str, str],
+        mounts_by_volume: Mapping[str, Path],
+        restart_policy: str,
+        states: list[ContainerState],
+        init_states: list[ContainerState],
+        start_time: str,
+    ) -> None:
+        while True:
+            self._run_container(
+                container,
+                state,
+                env,
+                mounts_by_volume,
+                on_start=lambda: self.agent.patch_status(
+                    self.pod, build_status(pod_phase(states, restart_policy), states, init_states, start_time)
+                ),
+            )
+            restart = restart_policy == "Always" or (restart_policy == "OnFailure" and state.exit_code != 0)
+            if not restart or self.stopping.is_set():
+                return
+            self.agent.patch_status(
+                self.pod, build_status(pod_phase(states, restart_policy), states, init_states, start_time)
+            )
+            state.restart_count += 1
+            self.stopping.wait(min(10.0, 2.0**state.restart_count / 2))
+            if self.stopping.is_set():
+                return
+
+    def _resolve_env_with_retry(self, container: Mapping[str, Any]) -> dict[str, str]:
+        # A kubelet retries missing ConfigMaps/Secrets; bounded here so tests fail, not hang.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return resolve_env(container, self.pod, self.agent.lookup_for(self.namespace))
+            except PodSpecError:
+                if time.monotonic() > deadline or self.stopping.is_set():
+                    raise
+                time.sleep(1)
+
+    def _prepare_volumes(self) -> dict[str, Path]:
+        base = self.scratch
+        for sub in ("home", "tmp", "logs", "termination", "volumes"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        dirs: dict[str, Path] = {}
+        lookup = self.agent.lookup_for(self.namespace)
+        for volume in self.pod["spec"].get("volumes") or []:
+            path = base / "volumes" / volume["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            for kind, key, ref_key in (
+                ("ConfigMap", "configMap", "name"),
+                ("Secret", "secret", "secretName"),
+            ):
+                if key not in volume:
+                    continue
+                source = volume[key]
+                data = lookup(kind, source.get(ref_key, ""))
+                if data is None:
+                    if source.get("optional"):
+                        continue
+                    raise PodSpecError(f"volume {volume['name']}: {kind} {source.get(ref_key)!r} not found")
+                items = source.get("items")
+                pairs = [(i["key"], i["path"]) for i in items] if items else [(k, k) for k in data]
+                for data_key, rel in pairs:
+                    target = path / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(data.get(data_key, ""))
+            dirs[volume["name"]] = path
+        return dirs
+
+    def _run_container(
+        self,
+        container: Mapping[str, Any],
+        state: ContainerState,
+        env: Mapping[str, str],
+        mounts_by_volume: Mapping[str, Path],
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        name = container["name"]
+        mounts: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            local = mounts_by_volume[mount["name"]]
+            if mount.get("subPath"):
+                local = local / mount["subPath"]
+                local.mkdir(parents=True, exist_ok=True)
+            mounts[mount["mountPath"]] = str(local)
+        termination_file = self.scratch / "termination" / name
+        termination_file.write_text("")
+        resolved = {k: rewrite_paths(v, mounts) for k, v in env.items()}
+        full_env = container_env(self.agent.base_env, resolved, self.scratch, termination_file)
+        argv = [
+            rewrite_paths(expand_vars(arg, resolved), mounts)
+            for arg in list(container.get("command") or []) + list(container.get("args") or [])
+        ]
+        workdir = rewrite_paths(container.get("workingDir") or "", mounts) or str(self.scratch / "home")
+        log_path = self.scratch / "logs" / f"{name}.log"
+        with self.lock:
+            if self.stopping.is_set():
+                state.state, state.reason, state.exit_code = "terminated", "Error", 137
+                state.finished_at = now_rfc3339()
+                return
+            with open(log_path, "ab") as log_file:
+                try:
+                    proc = subprocess.Popen(
+                        argv,
+                        env=full_env,
+                        cwd=workdir,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                except OSError as err:
+                    state.state, state.reason, state.exit_code = "terminated", "StartError", 128
+                    state.message = f"{argv[0]}: {err}"
+                    state.started_at = state.finished_at = now_rfc3339()
+                    return
+            self.processes[name] = proc
+        state.state, state.reason, state.message = "running", "", ""
+        state.started_at = now_rfc3339()
+        if on_start is not None:
+            on_start()
+        exit_code = self._wait(proc)
+        with self.lock:
+            self.processes.pop(name, None)
+        state.state = "terminated"
+        state.exit_code = exit_code
+        state.finished_at = now_rfc3339()
+        state.reason = "Completed" if exit_code == 0 else "Error"
+        written = termination_file.read_text(errors="replace") if termination_file.exists() else ""
+        log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        state.message = termination_message(
+            written, log_text, exit_code, container.get("terminationMessagePolicy")
+        )
+
+    def _wait(self, proc: subprocess.Popen[bytes]) -> int:
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stopping.is_set():
+                try:
+                    code = proc.wait(timeout=self.grace_seconds)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc, signal.SIGKILL)
+                    code = proc.wait()
+                break
+        # Like a runtime: a process killed by signal N exits with 128 + N.
+        return 128 - code if code < 0 else code
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # An unreaped child keeps its pid, so after this check the group id cannot be recycled.
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+class ExecNodeAgent:
+    def __init__(self, kubeconfig: str, state_dir: Path) -> None:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        self.api_client = client.ApiClient(configuration)
+        self.core = client.CoreV1Api(self.api_client)
+        self.coordination = client.CoordinationV1Api(self.api_client)
+        self.state_dir = state_dir
+        self.runners: dict[str, PodRunner] = {}
+        # Pods this agent ran to the end: late watch events about them (our own earlier
+        # status patches) must neither restart them nor mark them lost.
+        self.finished: set[str] = set()
+        self.lock = threading.Lock()
+        self.base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "USER")}
+
+    # API helpers
+    def lookup_for(self, namespace: str) -> Lookup:
+        import base64
+
+        from kubernetes.client.exceptions import ApiException
+
+        def lookup(kind: str, name: str) -> Mapping[str, str] | None:
+            try:
+                if kind == "ConfigMap":
+                    cm = self.core.read_namespaced_config_map(name, namespace)
+                    return dict(cm.data or {})
+                secret = self.core.read_namespaced_secret(name, namespace)
+                decoded = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+                decoded.update(secret.string_data or {})
+                return decoded
+            except ApiException as err:
+                if err.status == 404:
+                    return None
+                raise
+
+        return lookup
+
+    def patch_status(self, pod: Pod, status: dict[str, Any]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        meta = pod["metadata"]
+        try:
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+        except ApiException as err:
+            if err.status != 404:
+                log.warning("status of %s/%s: %s", meta["namespace"], meta["name"], err.reason)
+
+    def finalize_deletion(self, pod: Pod) -> None:
+        """Remove the pod object for good, as a kubelet does once its containers are gone."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        meta = pod["metadata"]
+        try:
+            self.core.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
+                ),
+            )
+        except ApiException as err:
+            if err.status not in (404, 409):
+                log.warning("delete %s/%s: %s", meta["namespace"], meta["name"], err.reason)
+
+    def forget(self, uid: str) -> None:
+        with self.lock:
+            self.runners.pop(uid, None)
+            self.finished.add(uid)
+
+    # node
+    def register(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        cpu = str(os.cpu_count() or 1)
+        memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024}Ki"
+        capacity = {"cpu": cpu, "memory": memory, "pods": "110", GPU_RESOURCE: str(EXEC_GPUS)}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": NODE_NAME,
+                "labels": {
+                    "kubernetes.io/hostname": NODE_NAME,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "temper.dev/node-pool": "exec",
+                    "nvidia.com/gpu.product": "exec-node-cpu",
+                },
+            },
+            "spec": {"taints": [dict(GPU_TAINT)]},
+        }
+        try:
+            self.core.create_node(body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        self.node_status = {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "addresses": [
+                {"type": "InternalIP", "address": POD_IP},
+                {"type": "Hostname", "address": NODE_NAME},
+            ],
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "temper-execnode",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "local-process://1",
+                "osImage": "local",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
+        }
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        now = now_rfc3339()
+        conditions = [
+            {
+                "type": kind,
+                "status": "False",
+                "reason": f"KubeletHas{'No' if kind != 'PIDPressure' else 'Sufficient'}{kind}",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+            for kind in ("MemoryPressure", "DiskPressure", "PIDPressure")
+        ]
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "temper exec node agent is posting ready status",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        )
+        self.core.patch_node_status(NODE_NAME, {"status": {**self.node_status, "conditions": conditions}})
+        renew = datetime.datetime.now(datetime.UTC)
+        lease = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=NODE_NAME, namespace="kube-node-lease"),
+            spec=client.V1LeaseSpec(
+                holder_identity=NODE_NAME, lease_duration_seconds=LEASE_SECONDS, renew_time=renew
+            ),
+        )
+        try:
+            self.coordination.patch_namespaced_lease(NODE_NAME, "kube-node-lease", lease)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            self.coordination.create_namespaced_lease("kube-node-lease", lease)
+
+    def heartbeat_loop(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            try:
+                self.heartbeat()
+            except Exception:  # keep beating through transient API errors
+                log.exception("heartbeat failed")
+
+    # pods
+    def handle(self, pod: Pod) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        phase = (pod.get("status") or {}).get("phase")
+        with self.lock:
+            runner = self.runners.get(uid)
+            if meta.get("deletionTimestamp"):
+                if runner is not None:
+                    runner.stop(float(meta.get("deletionGracePeriodSeconds") or 0))
+                else:
+                    threading.Thread(target=self.finalize_deletion, args=(pod,), daemon=True).start()
+                return
+            if runner is not None or uid in self.finished or phase in ("Succeeded", "Failed"):
+                return
+            if phase == "Running":
+                # Running but unknown: a previous agent died with it; its processes are gone.
+                self.patch_status(
+                    pod,
+                    build_status(
+                        "Failed",
+                        [],
+                        [],
+                        now_rfc3339(),
+                        reason="NodeAgentRestarted",
+                        message="the exec node agent restarted; the pod's processes are lost",
+                    ),
+                )
+                return
+            runner = PodRunner(self, pod)
+            self.runners[uid] = runner
+        runner.start()
+
+    def watch_pods(self) -> None:
+        from kubernetes import watch
+
+        selector = f"spec.nodeName={NODE_NAME}"
+        while True:
+            try:
+                listing = self.core.list_pod_for_all_namespaces(field_selector=selector)
+                for item in listing.items:
+                    self.handle(self.api_client.sanitize_for_serialization(item))
+                stream = watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=120,
+                )
+                for event in stream:
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self.handle(self.api_client.sanitize_for_serialization(event["object"]))
+            except Exception:  # relist after any watch failure, like an informer
+                log.exception("pod watch failed; relisting")
+                time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m temper_dev.execnode")
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    agent = ExecNodeAgent(args.kubeconfig, args.state_dir)
+    agent.register()
+    threading.Thread(target=agent.heartbeat_loop, name="heartbeat", daemon=True).start()
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        # Stop our pods' process groups with the agent, so nothing outlives `cluster down`.
+        with agent.lock:
+            runners = list(agent.runners.values())
+        for runner in runners:
+            for proc in list(runner.processes.values()):
+                _kill_group(proc, signal.SIGKILL)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    log.info("exec node %s registered; watching pods", NODE_NAME)
+    agent.watch_pods()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
