@@ -108,6 +108,9 @@ class Hyperparameters(_Strict):
     num_generations: int = Field(4, alias="numGenerations", ge=2)  # grpo / synthetic-preferences
     max_new_tokens: int = Field(16, alias="maxNewTokens", ge=1)
     temperature: float = Field(1.0, gt=0)
+    # Weight of the chosen answers' NLL added to the DPO loss (RPO). Unset means the dpo stage's
+    # default of 1.0: pure DPO (0) stalls near 70% preference accuracy on small models.
+    rpo_alpha: float | None = Field(None, alias="rpoAlpha", ge=0)
 
 
 class RewardSpec(_Strict):

@@ -1,0 +1,309 @@
+"""dpo and grpo stages: real training of the tiny model on CPU, real moto S3, the real runner.
+
+Also the helpers the other ``test_trainer_rl_*`` modules share (``run_contract``, ``contract``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK, StageContract, StorageConfig
+from temper.storage import Storage
+from temper_dev.s3server import S3Server
+from temper_trainer.__main__ import run_stage
+from temper_trainer.stage import Preempted, StageContext
+from temper_trainer.stages import get_stage
+
+pytestmark = pytest.mark.unit
+
+
+# -- shared helpers --------------------------------------------------------------------------
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; two threads on a shared 2-core box spin-wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rl_storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return Storage(StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    yield from single_torch_thread()
+
+
+@pytest.fixture
+def storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Storage:
+    return rl_storage(s3_server, monkeypatch)
+
+
+def contract(bucket: str, endpoint: str, name: str, stage_type: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "run": {"namespace": "ns", "name": "rl"},
+        "stage": {"name": name, "type": stage_type},
+        "baseModel": "builtin://tiny",
+        "storage": {"endpointUrl": endpoint},
+        "output": {"prefix": f"s3://{bucket}/rl/{name}/"},
+        "checkpoint": {"everySteps": 1000, "everySeconds": 3600},
+        **fields,
+    }
+
+
+def run_contract(
+    doc: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[str, Any]]:
+    """Run one stage through the trainer's real entry point; (exit code, termination message)."""
+    name = doc["stage"]["name"]
+    log = tmp_path / f"{name}.termination"
+    monkeypatch.setenv("TEMPER_TERMINATION_LOG", str(log))
+    code = run_stage(StageContract.model_validate(doc).to_env(), tmp_path / f"work-{name}")
+    return code, json.loads(log.read_text())
+
+
+def published(storage: Storage, result: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a finished stage, after checking every file it lists."""
+    verified = storage.verify_manifest(result["manifestUri"])
+    assert verified.ok, verified.problems
+    assert verified.manifest is not None
+    return verified.manifest.model_dump(by_alias=True)
+
+
+def download(storage: Storage, manifest_uri: str, dest: Path) -> Path:
+    storage.download_verified(manifest_uri, dest)
+    return dest
+
+
+ARITH_PREFS = {"name": "arith-prefs", "uri": "builtin://arith?n=200", "format": "preference"}
+ARITH_PREFS_HELDOUT = {
+    "name": "arith-prefs-heldout",
+    "uri": "builtin://arith?n=100&split=eval",
+    "format": "preference",
+}
+
+
+# -- dpo -------------------------------------------------------------------------------------
+def test_dpo_raises_heldout_preference_accuracy_to_90_percent(
+    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peft import PeftModel
+    from temper_trainer.data import builtin_records
+    from temper_trainer.evaluation import preference_accuracy
+    from temper_trainer.models import load_model
+
+    doc = contract(
+        s3_bucket,
+        s3_server.endpoint_url,
+        "align",
+        "dpo",
+        data={"train": [ARITH_PREFS], "eval": [ARITH_PREFS_HELDOUT]},
+        peft={"method": "lora", "r": 8, "alpha": 16},
+        hyperparameters={"maxSteps": 150, "batchSize": 16, "learningRate": 2e-3, "beta": 0.1},
+    )
+    code, result = run_contract(doc, tmp_path, monkeypatch)
+    assert code == EXIT_OK, result
+    metrics = result["metrics"]
+    assert metrics["eval/preference_accuracy_before"] < 0.8  # the base model has no such preference
+    assert metrics["eval/preference_accuracy"] >= 0.9
+    manifest = published(storage, result)
+    assert manifest["stageType"] == "dpo"
+    assert manifest["method"] == "lora"
+
+    # the artifact loads with stock PEFT and reproduces the recorded held-out accuracy
+    folder = download(storage, result["manifestUri"], tmp_path / "dpo-artifact")
+    base, tokenizer = load_model("builtin://tiny", None)
+    model = PeftModel.from_pretrained(base, str(folder))
+    held_out = builtin_records(ARITH_PREFS_HELDOUT["uri"], "preference")
+    assert preference_accuracy(model, tokenizer, held_out) == pytest.approx(
+        metrics["eval/preference_accuracy"]
+    )
+
+
+def test_dpo_rejects_data_that_is_not_preference_pairs(
+    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = contract(
+        s3_bucket,
+        s3_server.endpoint_url,
+        "align",
+        "dpo",
+        data={"train": [{"name": "sums", "uri": "builtin://arith?n=8", "format": "prompt-completion"}]},
+    )
+    code, result = run_contract(doc, tmp_path, monkeypatch)
+    assert code == EXIT_INVALID_INPUT
+    assert "data.train: dataset 'sums' must have format 'preference'" in result["error"]
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run_in_process(
+    doc: dict[str, Any], workdir: Path, storage: Storage, stop_at: int | None = None
+) -> tuple[Any, list[int]]:
+    """Run the stage function, delivering a real SIGTERM after step ``stop_at``.
+
+    Returns the outcome and the steps the stage reported, so a test can tell a resumed run
+    (starting after the checkpoint) from one that silently started over.
+    """
+    ctx = StageContext(StageContract.model_validate(doc), workdir, storage)
+    ctx.install_signal_handlers()
+    steps: list[int] = []
+    report = ctx.report
+
+    def report_and_maybe_signal(**kwargs: Any) -> None:
+        report(**kwargs)
+        steps.append(kwargs["step"])
+        if kwargs["step"] == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    ctx.report = report_and_maybe_signal  # type: ignore[method-assign]
+    try:
+        return get_stage(doc["stage"]["type"])(ctx), steps
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+RESUMABLE: dict[str, tuple[dict[str, Any], str, str]] = {
+    # stage type: (contract fields, output file compared, "before" metric that must survive)
+    "dpo": (
+        {
+            "data": {"train": [{**ARITH_PREFS, "uri": "builtin://arith?n=48"}]},
+            "hyperparameters": {"maxSteps": 8, "batchSize": 8, "learningRate": 2e-3},
+        },
+        "adapter_model.safetensors",
+        "train/preference_accuracy_before",
+    ),
+    "grpo": (
+        {
+            "data": {"train": [{"name": "sums", "uri": "builtin://arith?n=24", "format": "prompt"}]},
+            "rewards": [{"type": "length", "targetLength": 2}],
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "numGenerations": 4, "maxNewTokens": 4},
+        },
+        "adapter_model.safetensors",
+        "eval/reward_before",
+    ),
+    "reward-model": (
+        {
+            "data": {"train": [{**ARITH_PREFS, "uri": "builtin://arith?n=48"}]},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "learningRate": 3e-3},
+        },
+        "adapter_model.safetensors",
+        "train/accuracy_before",
+    ),
+    "synthetic-preferences": (
+        {
+            "data": {"train": [{"name": "sums", "uri": "builtin://arith?n=32", "format": "prompt"}]},
+            "rewards": [{"type": "length", "targetLength": 2}],
+            "hyperparameters": {"numGenerations": 4, "maxNewTokens": 4},
+        },
+        "preferences.jsonl",
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("stage_type", sorted(RESUMABLE))
+def test_sigterm_checkpoints_and_the_next_attempt_resumes_to_the_same_output(
+    stage_type: str, storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    fields, output_file, before_key = RESUMABLE[stage_type]
+    fields = {"peft": {"method": "lora", "r": 4, "alpha": 8}, **fields}
+    interrupted = contract(s3_bucket, s3_server.endpoint_url, f"{stage_type}-resumed", stage_type, **fields)
+    with pytest.raises(Preempted):
+        _run_in_process(interrupted, tmp_path / "attempt-1", storage, stop_at=2)
+    assert storage.exists(f"s3://{s3_bucket}/rl/{stage_type}-resumed/checkpoints/step-2/COMPLETE")
+
+    interrupted["stage"]["attempt"] = 2
+    resumed, resumed_steps = _run_in_process(interrupted, tmp_path / "attempt-2", storage)
+    straight = contract(s3_bucket, s3_server.endpoint_url, f"{stage_type}-straight", stage_type, **fields)
+    reference, straight_steps = _run_in_process(straight, tmp_path / "straight", storage)
+    assert straight_steps[0] == 1
+    assert resumed_steps == straight_steps[2:]  # picked up after step 2, did not start over
+
+    resumed_file, reference_file = resumed.artifact_dir / output_file, reference.artifact_dir / output_file
+    if output_file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        resumed_weights, straight_weights = load_file(str(resumed_file)), load_file(str(reference_file))
+        assert resumed_weights.keys() == straight_weights.keys()
+        for key, value in straight_weights.items():
+            assert (resumed_weights[key] - value).abs().max() < 1e-6, key
+    else:
+        assert resumed_file.read_bytes() == reference_file.read_bytes()
+    if before_key:  # measured once on the starting weights, not again on half-trained ones
+        assert resumed.metrics[before_key] == reference.metrics[before_key]
+
+
+# -- grpo ------------------------------------------------------------------------------------
+ARITH_PROMPTS = {"name": "sums", "uri": "builtin://arith?n=80", "format": "prompt"}
+ARITH_PROMPTS_HELDOUT = {"name": "sums-heldout", "uri": "builtin://arith?n=20&split=eval", "format": "prompt"}
+
+
+def test_grpo_with_builtin_rewards_raises_the_mean_reward(
+    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rewards = [
+        {"type": "exact-match", "weight": 1.0},
+        {"type": "regex", "pattern": r"\d{1,2}", "weight": 0.5},  # the answer format: digits only
+        {"type": "length", "targetLength": 2, "weight": 0.5},
+    ]
+    doc = contract(
+        s3_bucket,
+        s3_server.endpoint_url,
+        "rl",
+        "grpo",
+        data={"train": [ARITH_PROMPTS], "eval": [ARITH_PROMPTS_HELDOUT]},
+        rewards=rewards,
+        peft={"method": "lora", "r": 8, "alpha": 16},
+        hyperparameters={
+            "maxSteps": 30,
+            "batchSize": 32,
+            "numGenerations": 8,
+            "maxNewTokens": 6,
+            "learningRate": 1e-2,
+            "beta": 0.04,
+        },
+    )
+    code, result = run_contract(doc, tmp_path, monkeypatch)
+    assert code == EXIT_OK, result
+    m = result["metrics"]
+    assert m["eval/reward"] >= m["eval/reward_before"] + 0.2, m
+    assert m["train/reward"] > m["train/reward_first"], m
+    assert m["train/kl"] > 0  # the policy moved away from the reference, and the KL term saw it
+    manifest = published(storage, result)
+    assert manifest["lineage"]["rewards"][1]["pattern"] == r"\d{1,2}"
+    assert manifest["servable"]["vllm"] is True
+
+
+def test_grpo_reward_errors_name_the_field(
+    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = contract(
+        s3_bucket,
+        s3_server.endpoint_url,
+        "rl",
+        "grpo",
+        data={"train": [ARITH_PROMPTS]},
+        rewards=[{"type": "exact-match"}, {"type": "regex", "pattern": "(unclosed"}],
+    )
+    code, result = run_contract(doc, tmp_path, monkeypatch)
+    assert code == EXIT_INVALID_INPUT
+    assert "rewards[1].pattern" in result["error"]
+
+    doc["rewards"] = []
+    code, result = run_contract(doc, tmp_path, monkeypatch)
+    assert code == EXIT_INVALID_INPUT
+    assert "rewards: this stage needs at least one reward" in result["error"]
