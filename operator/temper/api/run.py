@@ -136,6 +136,7 @@ class Hyperparameters(ApiMixin, contract.Hyperparameters):
         "numGenerations": "Completions sampled per prompt (grpo, synthetic-preferences).",
         "maxNewTokens": "Generation length limit (grpo, synthetic-preferences, eval).",
         "temperature": "Sampling temperature for generation.",
+        "rpoAlpha": "dpo: weight of the chosen answers' NLL added to the DPO loss (RPO). Unset means 1.0; 0 is pure DPO.",
     }
 
 
