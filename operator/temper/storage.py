@@ -1,0 +1,373 @@
+"""The S3 layer shared by the trainer (publishing) and the operator (verifying, reading progress).
+
+Any S3-compatible endpoint works (AWS, MinIO, Ceph RGW, moto): the endpoint URL, the addressing
+style and the multipart thresholds come from :class:`temper.api.contract.StorageConfig`.
+Credentials come from the environment (``AWS_ACCESS_KEY_ID`` ...) or explicitly; they are never
+logged, never put in exception messages and never written to any object.
+
+Atomic publish (see ``temper.api.contract`` for the layout)::
+
+    <prefix>/attempts/<attempt>/<files...>   uploaded first, one immutable folder per attempt
+    <prefix>/manifest.json                   written LAST with If-None-Match: *
+
+The first attempt to write the manifest wins; a later one finds it, verifies it and returns it,
+so publishing is idempotent. Readers trust only a manifest whose files all verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+
+from temper.api.contract import Manifest, ManifestFile, StorageConfig
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1024 * 1024
+_ATTEMPT_DIR = re.compile(r"^attempts/[^/]+/")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the object, never a credential."""
+
+
+class VerificationError(StorageError):
+    """A manifest or one of its files failed verification."""
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        if not uri.startswith("s3://"):
+            raise ValueError(f"not an s3:// URI: {uri!r}")
+        rest = uri[len("s3://") :]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI has no bucket: {uri!r}")
+        return cls(bucket, key)
+
+    def join(self, *parts: str) -> S3Uri:
+        key = self.key
+        for raw in parts:
+            part = raw.strip("/")
+            if not part:
+                continue
+            key = f"{key.rstrip('/')}/{part}" if key else part
+        return S3Uri(self.bucket, key)
+
+    @property
+    def prefix(self) -> str:
+        """The key as a folder prefix ('' or ending in '/')."""
+        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
+
+    @property
+    def parent(self) -> S3Uri:
+        return S3Uri(self.bucket, self.key.rstrip("/").rpartition("/")[0])
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Credentials | None:
+        env = os.environ if env is None else env
+        key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            return None
+        return cls(key, secret, env.get("AWS_SESSION_TOKEN") or None)
+
+    def __repr__(self) -> str:  # never leak the secret through logs or tracebacks
+        return "Credentials(<redacted>)"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest_uri: str
+    sha256: str  # of manifest.json's bytes
+    won: bool  # False: another attempt had already published; its manifest verified
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    problems: list[str]  # each names the file and the reason
+    total_size: int = 0
+    manifest_sha256: str | None = None
+    manifest: Manifest | None = None
+
+
+def make_client(config: StorageConfig, credentials: Credentials | None = None) -> Any:
+    """A boto3 S3 client for ``config``; credentials default to the environment's."""
+    creds = credentials if credentials is not None else Credentials.from_env()
+    kwargs: dict[str, Any] = {
+        "region_name": config.region,
+        "config": BotoConfig(
+            s3={"addressing_style": config.addressing_style},
+            retries={"max_attempts": 5, "mode": "standard"},
+            # Checksums on every request break some S3-compatible stores; only when required.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    }
+    if config.endpoint_url:
+        kwargs["endpoint_url"] = config.endpoint_url
+    if creds is not None:
+        kwargs["aws_access_key_id"] = creds.access_key_id
+        kwargs["aws_secret_access_key"] = creds.secret_access_key
+        if creds.session_token:
+            kwargs["aws_session_token"] = creds.session_token
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def transfer_config(config: StorageConfig) -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=config.multipart_threshold_bytes,
+        multipart_chunksize=config.multipart_chunk_bytes,
+        use_threads=True,
+        max_concurrency=4,
+    )
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Storage:
+    """A client plus its config: the handful of operations temper needs."""
+
+    def __init__(self, config: StorageConfig, client: Any | None = None) -> None:
+        self.config = config
+        self.client: Any = client if client is not None else make_client(config)
+        self.transfer = transfer_config(config)
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint={self.config.endpoint_url!r})"
+
+    # -- single objects ---------------------------------------------------------------------
+    def put_bytes(self, uri: str | S3Uri, data: bytes, *, if_none_match: bool = False) -> bool:
+        """Write one object. With ``if_none_match`` returns False when it already exists."""
+        loc = _loc(uri)
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
+        try:
+            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
+        except ClientError as exc:
+            if if_none_match and (_status(exc) in (409, 412) or _error_code(exc) == "PreconditionFailed"):
+                return False
+            raise StorageError(f"cannot write {loc}: {_error_code(exc) or exc}") from None
+        return True
+
+    def get_bytes(self, uri: str | S3Uri) -> bytes:
+        loc = _loc(uri)
+        try:
+            body = self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            return cast(bytes, body.read())
+        except ClientError as exc:
+            raise StorageError(f"cannot read {loc}: {_error_code(exc) or exc}") from None
+
+    def head(self, uri: str | S3Uri) -> dict[str, Any] | None:
+        loc = _loc(uri)
+        try:
+            return cast(dict[str, Any], self.client.head_object(Bucket=loc.bucket, Key=loc.key))
+        except ClientError as exc:
+            if _status(exc) == 404 or _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"cannot stat {loc}: {_error_code(exc) or exc}") from None
+
+    def exists(self, uri: str | S3Uri) -> bool:
+        return self.head(uri) is not None
+
+    def upload_file(self, path: Path, uri: str | S3Uri) -> None:
+        loc = _loc(uri)
+        try:
+            self.client.upload_file(str(path), loc.bucket, loc.key, Config=self.transfer)
+        except (ClientError, boto3.exceptions.S3UploadFailedError) as exc:
+            raise StorageError(f"cannot upload {path.name} to {loc}: {type(exc).__name__}") from None
+
+    def download_file(self, uri: str | S3Uri, path: Path) -> None:
+        loc = _loc(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(loc.bucket, loc.key, str(path), Config=self.transfer)
+        except ClientError as exc:
+            raise StorageError(f"cannot download {loc}: {_error_code(exc) or exc}") from None
+
+    def iter_chunks(self, uri: str | S3Uri) -> Iterator[bytes]:
+        loc = _loc(uri)
+        try:
+            body = self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+        except ClientError as exc:
+            raise StorageError(f"cannot read {loc}: {_error_code(exc) or exc}") from None
+        while chunk := body.read(_CHUNK):
+            yield cast(bytes, chunk)
+
+    # -- prefixes ---------------------------------------------------------------------------
+    def list_keys(self, prefix: str | S3Uri) -> list[str]:
+        """Keys under ``prefix`` (treated as a folder), relative to it, sorted."""
+        loc = _loc(prefix)
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.prefix):
+            keys.extend(obj["Key"][len(loc.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str | S3Uri) -> int:
+        loc = _loc(prefix)
+        keys = [loc.prefix + k for k in self.list_keys(loc)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+    def upload_dir(self, local_dir: Path, prefix: str | S3Uri) -> list[ManifestFile]:
+        """Upload every file under ``local_dir``; entries are relative to ``local_dir``."""
+        loc = _loc(prefix)
+        entries: list[ManifestFile] = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            entries.append(ManifestFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+            self.upload_file(path, loc.join(rel))
+        return entries
+
+    # -- manifests ----------------------------------------------------------------------------
+    def publish_atomic(
+        self, local_dir: Path, prefix: str, attempt: int | str, manifest_fields: Mapping[str, Any]
+    ) -> PublishResult:
+        """Upload ``local_dir`` under ``<prefix>/attempts/<attempt>/``, then the manifest, last.
+
+        ``manifest_fields`` are the :class:`Manifest` fields other than ``files`` (by alias or name;
+        ``createdAt`` defaults to now). If another attempt already published, its manifest is
+        verified and returned (``won=False``); if it does not verify, raises VerificationError.
+        """
+        root = S3Uri.parse(prefix)
+        attempt_rel = f"attempts/{attempt}"
+        uploaded = self.upload_dir(local_dir, root.join(attempt_rel))
+        files = [
+            ManifestFile(path=f"{attempt_rel}/{entry.path}", sha256=entry.sha256, size=entry.size)
+            for entry in uploaded
+        ]
+        fields = dict(manifest_fields)
+        fields.setdefault("createdAt", datetime.now(UTC).isoformat(timespec="seconds"))
+        manifest = Manifest.model_validate({**fields, "files": [f.model_dump() for f in files]})
+        body = manifest.model_dump_json(by_alias=True, indent=2).encode()
+        manifest_uri = root.join(MANIFEST_NAME)
+        if self.put_bytes(manifest_uri, body, if_none_match=True):
+            return PublishResult(str(manifest_uri), hashlib.sha256(body).hexdigest(), won=True)
+        existing = self.verify_manifest(str(manifest_uri))
+        if not existing.ok or existing.manifest_sha256 is None:
+            raise VerificationError(
+                f"{manifest_uri} was published by another attempt but does not verify: "
+                + "; ".join(existing.problems)
+            )
+        return PublishResult(str(manifest_uri), existing.manifest_sha256, won=False)
+
+    def read_manifest(self, uri: str) -> tuple[Manifest, str]:
+        """The manifest and the sha256 of its bytes."""
+        raw = self.get_bytes(uri)
+        try:
+            manifest = Manifest.model_validate(json.loads(raw))
+        except ValueError as exc:
+            raise VerificationError(f"{uri}: not a valid manifest: {exc}") from None
+        return manifest, hashlib.sha256(raw).hexdigest()
+
+    def verify_manifest(self, uri: str) -> VerifyResult:
+        """Check every listed file's size and sha256 in storage; never raises for bad content."""
+        try:
+            manifest, digest = self.read_manifest(uri)
+        except StorageError as exc:
+            return VerifyResult(False, [f"{MANIFEST_NAME}: {exc}"])
+        folder = S3Uri.parse(uri).parent
+        problems: list[str] = []
+        total = 0
+        for entry in manifest.files:
+            problem = self._check_file(folder.join(entry.path), entry)
+            if problem:
+                problems.append(f"{entry.path}: {problem}")
+            total += entry.size
+        return VerifyResult(not problems, problems, total, digest, manifest)
+
+    def _check_file(self, loc: S3Uri, entry: ManifestFile) -> str | None:
+        head = self.head(loc)
+        if head is None:
+            return "missing"
+        if int(head.get("ContentLength", -1)) != entry.size:
+            return f"size {head.get('ContentLength')} != {entry.size}"
+        digest = hashlib.sha256()
+        for chunk in self.iter_chunks(loc):
+            digest.update(chunk)
+        if digest.hexdigest() != entry.sha256:
+            return f"sha256 mismatch (expected {entry.sha256[:12]}…, got {digest.hexdigest()[:12]}…)"
+        return None
+
+    def download_verified(self, manifest_uri: str, dest: Path) -> Manifest:
+        """Download a manifest's files into ``dest`` (attempt folder stripped) and verify each."""
+        manifest, _ = self.read_manifest(manifest_uri)
+        folder = S3Uri.parse(manifest_uri).parent
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in manifest.files:
+            rel = _ATTEMPT_DIR.sub("", entry.path)
+            target = (dest / rel).resolve()
+            if dest.resolve() not in target.parents:
+                raise VerificationError(f"{entry.path}: path escapes the destination")
+            self.download_file(folder.join(entry.path), target)
+            if target.stat().st_size != entry.size:
+                raise VerificationError(f"{entry.path}: size {target.stat().st_size} != {entry.size}")
+            if sha256_file(target) != entry.sha256:
+                raise VerificationError(f"{entry.path}: sha256 mismatch")
+        (dest / MANIFEST_NAME).write_text(manifest.model_dump_json(by_alias=True, indent=2))
+        return manifest
+
+
+def _loc(uri: str | S3Uri) -> S3Uri:
+    return uri if isinstance(uri, S3Uri) else S3Uri.parse(uri)
+
+
+# Module-level conveniences mirroring the Storage methods, for one-off callers.
+def publish_atomic(
+    storage: Storage, local_dir: Path, prefix: str, attempt: int | str, manifest_fields: Mapping[str, Any]
+) -> PublishResult:
+    return storage.publish_atomic(local_dir, prefix, attempt, manifest_fields)
+
+
+def read_manifest(storage: Storage, uri: str) -> Manifest:
+    return storage.read_manifest(uri)[0]
+
+
+def verify_manifest(storage: Storage, uri: str) -> VerifyResult:
+    return storage.verify_manifest(uri)
+
+
+def download_verified(storage: Storage, manifest_uri: str, dest: Path) -> Manifest:
+    return storage.download_verified(manifest_uri, dest)

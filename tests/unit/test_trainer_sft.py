@@ -1,0 +1,109 @@
+"""SFT quality with real CPU training on the tiny model, and stock-PEFT reloading of what it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temper.api.contract import EXIT_OK, EXIT_UNSUPPORTED
+from temper_dev.s3server import S3Server
+from temper_trainer.data import builtin_records
+from temper_trainer.evaluation import completion_loss, exact_match_by_task
+
+from .trainer_helpers import make_contract, manifest_of, run_in_process, storage_for
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
+
+EVAL_URI = "builtin://arith?n=20&split=eval"
+
+
+def reload_and_evaluate(storage, manifest_uri: str, base: Path, dest: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Load the published artifact with stock transformers/peft only and recompute its eval metrics."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    storage.download_verified(manifest_uri, dest)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if (dest / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(dest))
+    else:  # full fine-tune: a complete model
+        model = AutoModelForCausalLM.from_pretrained(dest)
+    records = builtin_records(EVAL_URI, "chat")
+    em = exact_match_by_task(model.eval(), tokenizer, records, max_new_tokens=16)["all"]
+    return {"eval/exact_match": em, "eval/loss": completion_loss(model, tokenizer, records)}
+
+
+def test_sft_raises_heldout_exact_match_and_reloads_with_stock_peft(
+    s3_server: S3Server, s3_bucket: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base_em = exact_match_by_task(base, tokenizer, builtin_records(EVAL_URI, "chat"), max_new_tokens=16)[
+        "all"
+    ]
+
+    code, result = run_in_process(
+        make_contract(s3_server, s3_bucket, "sft"), monkeypatch, s3_server, tmp_path
+    )
+    assert code == EXIT_OK, result.error
+    storage = storage_for(s3_server, monkeypatch)
+    manifest = manifest_of(storage, result)
+    after = manifest.metrics["eval/exact_match"]
+    print(f"held-out exact match: base {base_em:.2f} -> sft {after:.2f}")
+    assert after - base_em >= 0.30
+    assert manifest.method == "lora"
+    assert manifest.servable["vllm"]
+    assert {f.path.rsplit("/", 1)[-1] for f in manifest.files} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert result.metrics["eval/exact_match"] == after
+
+    reloaded = reload_and_evaluate(storage, result.manifest_uri or "", tiny_model, tmp_path / "reload")
+    assert reloaded["eval/exact_match"] == manifest.metrics["eval/exact_match"]
+    assert reloaded["eval/loss"] == pytest.approx(manifest.metrics["eval/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adalora", "prompt-tuning", "prefix-tuning", "p-tuning"])
+def test_each_peft_method_trains_publishes_and_reloads(
+    method: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    contract = make_contract(
+        s3_server,
+        s3_bucket,
+        f"m-{method}",
+        peft={"method": method, "r": 4, "alpha": 8, "numVirtualTokens": 4},
+        hyperparameters={"maxSteps": 12, "learningRate": 1e-3 if method == "full" else 3e-3},
+    )
+    code, result = run_in_process(contract, monkeypatch, s3_server, tmp_path)
+    assert code == EXIT_OK, result.error
+    storage = storage_for(s3_server, monkeypatch)
+    manifest = manifest_of(storage, result)
+    assert manifest.method == method
+    assert manifest.servable["vllm"] is (method in ("full", "lora", "adalora"))
+    assert manifest.metrics["train/steps"] == 12
+    reloaded = reload_and_evaluate(storage, result.manifest_uri or "", tiny_model, tmp_path / "reload")
+    assert reloaded["eval/exact_match"] == manifest.metrics["eval/exact_match"]
+    assert reloaded["eval/loss"] == pytest.approx(manifest.metrics["eval/loss"], rel=1e-4)
+
+
+def test_qlora_without_gpu_fails_at_once(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contract = make_contract(s3_server, s3_bucket, "q", peft={"method": "qlora", "bits": 4})
+    code, result = run_in_process(contract, monkeypatch, s3_server, tmp_path)
+    assert code == EXIT_UNSUPPORTED
+    assert result.error is not None
+    assert "qlora" in result.error
+    assert "CUDA" in result.error
+    assert result.manifest_uri is None
+    keys = storage_for(s3_server, monkeypatch).list_keys(f"s3://{s3_bucket}/runs/run/q/")
+    assert "manifest.json" not in keys
+    assert not any(k.startswith("checkpoints/") for k in keys)

@@ -1,0 +1,222 @@
+"""``python -m temper_trainer run`` — run the stage in ``$TEMPER_STAGE_CONTRACT``.
+
+Exit codes (``temper.api.contract``): 0 ok; 1 retryable; 10 invalid contract; 11 invalid input;
+12 unsupported; 143 preempted (SIGTERM, checkpoint written). The result (``StageResult`` JSON,
+≤ 4 KiB) goes to ``$TEMPER_TERMINATION_LOG`` (default ``/dev/termination-log``).
+
+``python -m temper_trainer build-tiny-model [--out DIR]`` builds (or finds) ``builtin://tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from temper.api.contract import (
+    CONTRACT_ENV,
+    EXIT_INVALID_CONTRACT,
+    EXIT_OK,
+    EXIT_RETRYABLE,
+    StageContract,
+    StageResult,
+)
+
+import temper_trainer
+
+log = logging.getLogger("temper_trainer")
+TERMINATION_LIMIT = 4096
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str) -> str:
+    """Remove any credential value that might have slipped into a message."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def termination_message(result: StageResult) -> str:
+    """The result as JSON under 4 KiB: per-task and suite metrics are dropped first if needed."""
+    metrics = dict(result.metrics)
+    error = redact(result.error)[:1500] if result.error else None
+    while True:
+        body = StageResult(
+            manifest_uri=result.manifest_uri, sha256=result.sha256, metrics=metrics, error=error
+        ).model_dump_json(by_alias=True, exclude_none=True)
+        if len(body.encode()) <= TERMINATION_LIMIT - 96 or not metrics:
+            return body
+        victim = max(metrics, key=lambda k: (k.count("/"), len(k)))
+        metrics.pop(victim)
+
+
+def write_termination(result: StageResult) -> None:
+    path = Path(os.environ.get("TEMPER_TERMINATION_LOG", "/dev/termination-log"))
+    try:
+        path.write_text(termination_message(result))
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)
+
+
+def _contract_error(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err["loc"]) or "(root)"
+            parts.append(f"{where}: {err['msg']}")
+        return f"invalid {CONTRACT_ENV}: " + "; ".join(parts)
+    return f"invalid {CONTRACT_ENV}: {exc}"
+
+
+def manifest_fields(contract: StageContract, outcome: Any) -> dict[str, Any]:
+    lineage: dict[str, Any] = {
+        "run": {"namespace": contract.run.namespace, "name": contract.run.name, "uid": contract.run.uid},
+        "cycle": contract.run.cycle,
+        "stage": contract.stage.name,
+        "attempt": contract.stage.attempt,
+        "seed": contract.seed,
+        "parent": contract.parent.manifest_uri if contract.parent else None,
+    }
+    lineage.update(outcome.lineage)
+    return {
+        "baseModel": contract.base_model,
+        "method": outcome.method,
+        "stageType": contract.stage.type,
+        "metrics": outcome.metrics,
+        "lineage": lineage,
+        "trainerVersion": temper_trainer.__version__,
+        "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "servable": outcome.servable,
+    }
+
+
+def run_stage(raw: str | None, workdir: Path | None = None) -> int:
+    """Everything ``run`` does; returns the exit code."""
+    from temper.storage import Storage, StorageError
+
+    from temper_trainer.stage import StageContext, StageError
+    from temper_trainer.stages import get_stage
+
+    if not raw:
+        write_termination(StageResult(error=f"{CONTRACT_ENV} is not set"))
+        return EXIT_INVALID_CONTRACT
+    try:
+        contract = StageContract.from_env(raw)
+    except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError
+        message = _contract_error(exc)
+        log.error("%s", message)
+        write_termination(StageResult(error=message))
+        return EXIT_INVALID_CONTRACT
+
+    ctx: StageContext | None = None
+    try:
+        storage = Storage(contract.storage)
+        metrics = None
+        if contract.metrics_port:
+            from temper_trainer.metrics import TrainerMetrics
+
+            metrics = TrainerMetrics()
+            metrics.serve(contract.metrics_port)
+        scratch = workdir or Path(
+            os.environ.get("TEMPER_WORKDIR") or tempfile.mkdtemp(prefix="temper-stage-")
+        )
+        ctx = StageContext(contract, scratch, storage, metrics=metrics)
+        ctx.install_signal_handlers()
+        log.info(
+            "stage %s (%s) attempt %d of %s/%s",
+            contract.stage.name,
+            contract.stage.type,
+            contract.stage.attempt,
+            contract.run.namespace,
+            contract.run.name,
+        )
+        ctx.set_phase("starting")
+        from temper.storage import S3Uri
+
+        existing = str(S3Uri.parse(contract.output.prefix).join("manifest.json"))
+        if storage.exists(existing):  # an earlier attempt published and died before exiting
+            verified = storage.verify_manifest(existing)
+            if verified.ok and verified.manifest is not None and verified.manifest_sha256:
+                log.info("output already published and verified: %s", existing)
+                write_termination(
+                    StageResult(
+                        manifest_uri=existing,
+                        sha256=verified.manifest_sha256,
+                        metrics=verified.manifest.metrics,
+                    )
+                )
+                ctx.set_phase("done")
+                return EXIT_OK
+        stage_fn = get_stage(contract.stage.type)
+        outcome = stage_fn(ctx)
+        ctx.set_phase("publishing")
+        published = storage.publish_atomic(
+            outcome.artifact_dir,
+            contract.output.prefix,
+            contract.stage.attempt,
+            manifest_fields(contract, outcome),
+        )
+        metrics_out = outcome.metrics
+        if not published.won:
+            log.info("another attempt published first; its manifest verified")
+            metrics_out = storage.read_manifest(published.manifest_uri)[0].metrics
+        write_termination(
+            StageResult(manifest_uri=published.manifest_uri, sha256=published.sha256, metrics=metrics_out)
+        )
+        ctx.set_phase("done")
+        log.info("published %s", published.manifest_uri)
+        return EXIT_OK
+    except StageError as exc:
+        message = redact(f"{type(exc).__name__}: {exc}")
+        log.error("%s", message)
+        write_termination(StageResult(error=message))
+        return exc.exit_code
+    except StorageError as exc:
+        message = redact(f"storage: {exc}")
+        log.error("%s", message)
+        write_termination(StageResult(error=message))
+        return EXIT_RETRYABLE
+    except Exception as exc:
+        log.error("%s", redact(traceback.format_exc()))
+        write_termination(StageResult(error=redact(f"{type(exc).__name__}: {exc}")))
+        return EXIT_RETRYABLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("TEMPER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    parser = argparse.ArgumentParser(prog="temper_trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help=f"run the stage described by ${CONTRACT_ENV}")
+    build = sub.add_parser("build-tiny-model", help="build (or find) the builtin://tiny model")
+    build.add_argument("--out", type=Path, help="build into this folder instead of the cache")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_stage(os.environ.get(CONTRACT_ENV))
+    from temper_trainer.tinymodel import build_tiny_model, ensure_tiny_model
+
+    if args.out:
+        stats = build_tiny_model(args.out)
+        print(json.dumps({"path": str(args.out), **stats}))
+    else:
+        path = ensure_tiny_model()
+        print(json.dumps({"path": str(path), **json.loads((path / "build.json").read_text())}))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

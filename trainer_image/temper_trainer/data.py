@@ -1,0 +1,401 @@
+"""Datasets: builtin synthetic tasks, JSONL/Parquet files, replay mixing, curriculum, tokenization.
+
+Record shapes (one dict per example; ``task`` tags it for replay balancing and eval grouping):
+
+- ``prompt-completion``: ``{"prompt": str, "completion": str}``
+- ``chat``: ``{"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}``
+- ``preference``: ``{"prompt": str, "chosen": str, "rejected": str}``
+- ``prompt``: ``{"prompt": str, "answer": str | None}`` (the reference answer, if any)
+
+Builtin datasets: ``builtin://<task>?n=<count>&seed=<int>&split=train|eval[&turns=<k>]`` with tasks
+``arith`` (single-digit addition, ``"3+5="`` → ``"8"``) and ``subtract`` (single-digit
+subtraction with a non-negative result, ``"7-3="`` → ``"4"``): alike enough to interfere, which
+makes forgetting measurable in continual-learning experiments. The problem space of each task is
+split deterministically, so ``eval`` problems never appear in ``train``. The record shape
+follows the DatasetSpec's ``format``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from temper.api.contract import DatasetSpec, StageData
+from temper.storage import Storage, StorageError
+
+Record = dict[str, Any]
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Unusable data; the message names the dataset and the field."""
+
+
+# -- builtin synthetic tasks -----------------------------------------------------------------
+def _arith_space() -> list[tuple[str, str, float]]:
+    return [(f"{a}+{b}=", str(a + b), float(a + b)) for a in range(10) for b in range(10)]
+
+
+def _subtract_space() -> list[tuple[str, str, float]]:
+    return [(f"{a}-{b}=", str(a - b), float(a)) for a in range(10) for b in range(a + 1)]
+
+
+TASKS: dict[str, Callable[[], list[tuple[str, str, float]]]] = {
+    "arith": _arith_space,
+    "subtract": _subtract_space,
+}
+
+
+def task_split(task: str, split: str) -> list[tuple[str, str, float]]:
+    """The task's (prompt, answer, difficulty) problems of one split; every 5th is held out."""
+    space = TASKS[task]()
+    held_out = [p for i, p in enumerate(space) if i % 5 == 2]
+    train = [p for i, p in enumerate(space) if i % 5 != 2]
+    return held_out if split == "eval" else train
+
+
+def _wrong_answer(task: str, answer: str, rng: random.Random) -> str:
+    return str(abs(int(answer) + rng.choice([-2, -1, 1, 2, 10])))  # a plausible near miss
+
+
+def builtin_records(uri: str, fmt: str, task_tag: str | None = None) -> list[Record]:
+    parsed = urlparse(uri)
+    task = parsed.netloc or parsed.path.strip("/")
+    if task not in TASKS:
+        raise DataError(f"{uri}: unknown builtin dataset {task!r}; known: {sorted(TASKS)}")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    unknown = set(query) - {"n", "seed", "split", "turns", "format"}
+    if unknown:
+        raise DataError(f"{uri}: unknown parameter(s) {sorted(unknown)}")
+    try:
+        n = int(query.get("n", "200"))
+        seed = int(query.get("seed", "0"))
+        turns = int(query.get("turns", "1"))
+    except ValueError as exc:
+        raise DataError(f"{uri}: n, seed and turns must be integers") from exc
+    split = query.get("split", "train")
+    if split not in ("train", "eval") or n < 1 or turns < 1:
+        raise DataError(f"{uri}: split must be train|eval, n and turns >= 1")
+    fmt = query.get("format", fmt)
+    pool = task_split(task, split)
+    rng = random.Random(f"{task}/{split}/{seed}")
+    picks = rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+    tag = task_tag or task
+    records: list[Record] = []
+    for prompt, answer, difficulty in picks:
+        base: Record = {"task": tag, "difficulty": difficulty}
+        if fmt == "prompt-completion":
+            records.append({**base, "prompt": prompt, "completion": answer})
+        elif fmt == "chat":
+            messages = []
+            for extra in [rng.choice(pool) for _ in range(turns - 1)]:
+                messages += [
+                    {"role": "user", "content": extra[0]},
+                    {"role": "assistant", "content": extra[1]},
+                ]
+            messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            records.append({**base, "messages": messages})
+        elif fmt == "preference":
+            chosen, rejected = answer, _wrong_answer(task, answer, rng)
+            records.append({**base, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif fmt == "prompt":
+            records.append({**base, "prompt": prompt, "answer": answer})
+        else:
+            raise DataError(f"{uri}: unknown format {fmt!r}")
+    return records
+
+
+def pretraining_corpus(n: int, seed: int) -> list[str]:
+    """Raw text for the tiny model's pretraining: every task's skill in *other* surface forms.
+
+    The tiny model learns the skills here, but never the ``builtin://`` prompt formats nor the
+    chat template's answers, so SFT has something measurable to teach.
+    """
+    rng = random.Random(seed)
+    arith, subtract = _arith_space(), _subtract_space()
+    lines = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            prompt, answer, _ = rng.choice(arith)
+            a, b = prompt[:-1].split("+")
+            lines.append(f"{a}+{b} is {answer}.")
+        else:
+            prompt, answer, _ = rng.choice(subtract)
+            a, b = prompt[:-1].split("-")
+            lines.append(f"{a}-{b} is {answer}.")
+    return lines
+
+
+# -- files -----------------------------------------------------------------------------------
+REQUIRED_FIELDS = {
+    "prompt-completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
+}
+
+
+def _read_bytes(uri: str, storage: Storage | None) -> bytes:
+    if uri.startswith("s3://"):
+        if storage is None:
+            raise DataError(f"{uri}: no storage configured")
+        try:
+            return storage.get_bytes(uri)
+        except StorageError as exc:
+            raise DataError(str(exc)) from exc
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise DataError(f"{uri}: no such file")
+    return path.read_bytes()
+
+
+def _parse_file(name: str, uri: str, raw: bytes) -> list[Record]:
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_table(io.BytesIO(raw)).to_pylist())
+        except Exception as exc:
+            raise DataError(f"dataset {name!r} ({uri}): not readable as Parquet: {exc}") from exc
+    records = []
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"dataset {name!r} ({uri}) line {lineno}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"dataset {name!r} ({uri}) line {lineno}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def validate_records(name: str, fmt: str, records: list[Record]) -> None:
+    if not records:
+        raise DataError(f"dataset {name!r}: no records")
+    for i, record in enumerate(records):
+        for key in REQUIRED_FIELDS[fmt]:
+            if key not in record or record[key] is None:
+                raise DataError(f"dataset {name!r} record {i}: missing field {key!r} (format {fmt})")
+        if fmt == "chat":
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise DataError(f"dataset {name!r} record {i}: field 'messages' must be a non-empty list")
+            for j, msg in enumerate(messages):
+                if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+                    raise DataError(
+                        f"dataset {name!r} record {i}: messages[{j}].role must be system|user|assistant"
+                    )
+                if not isinstance(msg.get("content"), str):
+                    raise DataError(f"dataset {name!r} record {i}: messages[{j}].content must be a string")
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"dataset {name!r} record {i}: the last message must be the assistant's")
+        else:
+            for key in REQUIRED_FIELDS[fmt]:
+                if not isinstance(record[key], str):
+                    raise DataError(f"dataset {name!r} record {i}: field {key!r} must be a string")
+
+
+def load_records(spec: DatasetSpec, storage: Storage | None = None) -> list[Record]:
+    """One dataset's records, validated for its format and tagged with its task."""
+    if spec.uri.startswith("builtin://"):
+        records = builtin_records(spec.uri, spec.format, spec.task)
+    else:
+        records = _parse_file(spec.name, spec.uri, _read_bytes(spec.uri, storage))
+        if spec.task:
+            for record in records:
+                record["task"] = spec.task
+    validate_records(spec.name, spec.format, records)
+    for record in records:
+        record.setdefault("task", spec.task or spec.name)
+        record["_format"] = spec.format
+        record["_dataset"] = spec.name
+    return records
+
+
+# -- replay and curriculum ---------------------------------------------------------------------
+def replay_count(n_new: int, ratio: float, max_examples: int | None) -> int:
+    """How many replay examples make ``ratio`` of the mixed set."""
+    if ratio <= 0 or n_new == 0:
+        return 0
+    count = round(n_new * ratio / (1.0 - ratio)) if ratio < 1 else n_new
+    return min(count, max_examples) if max_examples else count
+
+
+def sample_replay(buffer: list[Record], count: int, sampling: str, seed: int) -> list[Record]:
+    rng = random.Random(seed)
+    if count <= 0 or not buffer:
+        return []
+    if sampling == "per-task-balanced":
+        groups: dict[str, list[Record]] = defaultdict(list)
+        for record in buffer:
+            groups[str(record.get("task"))].append(record)
+        order = {task: rng.sample(items, len(items)) for task, items in sorted(groups.items())}
+        picks: list[Record] = []
+        cursor = 0
+        tasks = sorted(order)
+        while len(picks) < count:  # round-robin over tasks, cycling within each
+            task = tasks[cursor % len(tasks)]
+            items = order[task]
+            picks.append(items[(cursor // len(tasks)) % len(items)])
+            cursor += 1
+        return [dict(r, _replay=True) for r in picks]
+    if count <= len(buffer):
+        return [dict(r, _replay=True) for r in rng.sample(buffer, count)]
+    return [dict(rng.choice(buffer), _replay=True) for _ in range(count)]
+
+
+def record_length(record: Record) -> int:
+    if "messages" in record:
+        return sum(len(m["content"]) for m in record["messages"])
+    return sum(len(str(record.get(k) or "")) for k in ("prompt", "completion", "chosen", "answer"))
+
+
+def _interleave(main: list[Record], extra: list[Record]) -> list[Record]:
+    """Spread ``extra`` evenly through ``main`` so replay is never bunched at one end."""
+    if not extra:
+        return main
+    out: list[Record] = []
+    step = (len(main) + len(extra)) / len(extra)
+    slots = {int(i * step + step / 2) for i in range(len(extra))}
+    it_main, it_extra = iter(main), iter(extra)
+    for i in range(len(main) + len(extra)):
+        nxt = next(it_extra, None) if i in slots else next(it_main, None)
+        if nxt is None:
+            nxt = next(it_main, None) or next(it_extra, None)
+        if nxt is not None:
+            out.append(nxt)
+    out.extend(it_main)
+    out.extend(it_extra)
+    return out
+
+
+def order_curriculum(
+    records: list[Record], replay: list[Record], order_by: str, score_field: str | None, seed: int
+) -> list[Record]:
+    rng = random.Random(seed)
+    if order_by == "none":
+        mixed = records + replay
+        rng.shuffle(mixed)
+        return mixed
+    if order_by == "length":
+        ordered = sorted(records, key=record_length)
+    elif order_by == "score":
+        field = score_field or "score"
+        missing = [i for i, r in enumerate(records) if not isinstance(r.get(field), int | float)]
+        if missing:
+            raise DataError(
+                f"curriculum.scoreField {field!r}: missing or not a number in record {missing[0]}"
+            )
+        ordered = sorted(records, key=lambda r: float(r[field]))
+    else:  # "dataset": the datasets' listed order, each file's own order
+        ordered = list(records)
+    return _interleave(ordered, replay)
+
+
+def load_stage_data(data: StageData, split: str, storage: Storage | None, seed: int = 0) -> list[Record]:
+    """The records a stage trains (or evaluates) on: replay mixed in, curriculum applied."""
+    specs = data.train if split == "train" else data.eval
+    records: list[Record] = []
+    for spec in specs:
+        records.extend(load_records(spec, storage))
+    if split != "train":
+        return records
+    replay: list[Record] = []
+    if data.replay.ratio > 0:
+        if not data.replay.datasets:
+            raise DataError("replay.datasets: a replay ratio > 0 needs a replay buffer")
+        buffer: list[Record] = []
+        for spec in data.replay.datasets:
+            buffer.extend(load_records(spec, storage))
+        count = replay_count(len(records), data.replay.ratio, data.replay.max_examples)
+        replay = sample_replay(buffer, count, data.replay.sampling, data.replay.seed)
+    return order_curriculum(records, replay, data.curriculum.order_by, data.curriculum.score_field, seed)
+
+
+# -- rendering and tokenization ------------------------------------------------------------------
+def record_format(record: Record) -> str:
+    if "_format" in record:
+        return str(record["_format"])
+    if "messages" in record:
+        return "chat"
+    if "chosen" in record:
+        return "preference"
+    if "completion" in record:
+        return "prompt-completion"
+    return "prompt"
+
+
+def prompt_and_target(record: Record, tokenizer: Any) -> tuple[str, str]:
+    """The text the model sees and the text it should produce (its final turn), for eval/RL."""
+    fmt = record_format(record)
+    if fmt == "chat":
+        messages = record["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        return str(prompt), str(messages[-1]["content"])
+    target = record.get("completion", record.get("chosen", record.get("answer"))) or ""
+    return str(record["prompt"]), str(target)
+
+
+def chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_assistant_answer) pieces.
+
+    Works for any chat template that renders prefixes stably: the text each assistant turn adds
+    beyond the generation prompt is what the loss is computed on.
+    """
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            with_prompt = tokenizer.apply_chat_template(
+                messages[:k], add_generation_prompt=True, tokenize=False
+            )
+            if not with_prompt.startswith(rendered):
+                raise DataError("chat template does not render conversation prefixes stably")
+            segments.append((with_prompt[len(rendered) :], False))
+            rendered = with_prompt
+        full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not full.startswith(rendered):
+            raise DataError("chat template does not render conversation prefixes stably")
+        segments.append((full[len(rendered) :], message["role"] == "assistant"))
+        rendered = full
+    return [(text, train) for text, train in segments if text]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_sft(record: Record, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE_INDEX except on completions / assistant turns."""
+    fmt = record_format(record)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    if fmt == "chat":
+        for text, train in chat_segments(record["messages"], tokenizer):
+            ids = _ids(tokenizer, text)
+            input_ids += ids
+            labels += ids if train else [IGNORE_INDEX] * len(ids)
+    else:
+        prompt, target = prompt_and_target(record, tokenizer)
+        p_ids = _ids(tokenizer, prompt)
+        t_ids = [*_ids(tokenizer, target), tokenizer.eos_token_id]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        input_ids = bos + p_ids + t_ids
+        labels = [IGNORE_INDEX] * (len(bos) + len(p_ids)) + t_ids
+    return input_ids[:max_length], labels[:max_length]
+
+
+def iter_text(records: Iterable[Record]) -> Iterable[str]:
+    for record in records:
+        if "messages" in record:
+            yield " ".join(m["content"] for m in record["messages"])
+        else:
+            yield " ".join(str(record.get(k) or "") for k in ("prompt", "completion", "chosen", "answer"))
