@@ -136,7 +136,7 @@ class Hyperparameters(ApiMixin, contract.Hyperparameters):
         "numGenerations": "Completions sampled per prompt (grpo, synthetic-preferences).",
         "maxNewTokens": "Generation length limit (grpo, synthetic-preferences, eval).",
         "temperature": "Sampling temperature for generation.",
-        "rpoAlpha": "dpo: weight of the chosen answers' NLL added to the DPO loss (RPO). Unset means 1.0; 0 is pure DPO.",
+        "rpoAlpha": "dpo: weight of the chosen NLL added to the loss (RPO). Unset: 1.0; 0: pure DPO.",
     }
 
 
