@@ -2,6 +2,8 @@
 VENV ?= $(HOME)/.cache/temper/venv-py311
 PY := $(VENV)/bin/python
 export TEMPER_VENV := $(VENV)
+# Caches outside the clone keep warm CI runs fast; nothing depends on them existing.
+export MYPY_CACHE_DIR ?= $(HOME)/.cache/temper/mypy
 
 .PHONY: all setup tools venv crds lint typecheck unit test demo clean-cluster
 
