@@ -5,9 +5,12 @@ Gauges carry no labels: one pod is one stage attempt, and the PodMonitor adds po
 
 from __future__ import annotations
 
+import logging
 import math
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
 
 
 class TrainerMetrics:
@@ -26,8 +29,21 @@ class TrainerMetrics:
         self.step = Gauge("temper_trainer_step", "Current optimizer step", registry=r)
         self.server: object | None = None
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - a pod's scrape port
-        self.server = start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:  # noqa: S104 - a pod's scrape port
+        """Serve on ``port``; returns the port actually bound.
+
+        Metrics must never fail a training stage: where pods share a network namespace (the exec
+        node, hostNetwork) the port can be taken, so fall back to an ephemeral one and say so.
+        """
+        try:
+            self.server = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as err:
+            server, _thread = start_http_server(0, addr=addr, registry=self.registry)
+            self.server = (server, _thread)
+            bound = int(server.server_port)
+            log.warning("metrics port %d unavailable (%s); serving on %d instead", port, err, bound)
+            return bound
+        return port
 
     def update(
         self,
