@@ -1,0 +1,81 @@
+"""Retire with retention delete removes exactly the manifest's objects, against a real S3 server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temper.api.contract import StorageConfig
+from temper.continual.lifecycle import delete_artifact
+from temper.storage import Storage
+from temper_dev.s3server import S3Server
+
+pytestmark = pytest.mark.cluster
+
+MANIFEST_FIELDS = {
+    "baseModel": "builtin://tiny",
+    "method": "lora",
+    "stageType": "sft",
+    "trainerVersion": "test",
+}
+
+
+def _storage(server: S3Server) -> Storage:
+    return Storage(StorageConfig.model_validate({"endpointUrl": server.endpoint_url}), server.client())
+
+
+def test_retire_delete_removes_the_listed_objects_and_only_those(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    storage = _storage(s3_server)
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\0" * 1024)
+    prefix = f"s3://{s3_bucket}/runs/bot/g1/sft/"
+    published = storage.publish_atomic(tmp_path, prefix, 1, MANIFEST_FIELDS)
+    # Neighbours that share folders or prefixes with the adapter and must survive.
+    survivors = [
+        f"{prefix}attempts/2/adapter_model.safetensors",  # a losing attempt, not in the manifest
+        f"{prefix}checkpoints/step-10/state.pt",
+        f"{prefix}attempts/1/progress.json.bak",
+        f"s3://{s3_bucket}/runs/bot/g1/sft-other/manifest.json",
+        f"s3://{s3_bucket}/runs/bot/g1/sft/../x",  # a literal key that looks like a traversal
+    ]
+    for uri in survivors:
+        storage.put_bytes(uri, b"keep me")
+    before = set(storage.list_keys(f"s3://{s3_bucket}/"))
+
+    result = delete_artifact(storage, published.manifest_uri)
+
+    after = set(storage.list_keys(f"s3://{s3_bucket}/"))
+    removed = {f"s3://{s3_bucket}/{k}" for k in before - after}
+    assert removed == {
+        f"{prefix}attempts/1/adapter_config.json",
+        f"{prefix}attempts/1/adapter_model.safetensors",
+        published.manifest_uri,
+    }
+    assert set(result.deleted) == removed
+    assert result.deleted[-1] == published.manifest_uri  # the manifest goes last
+    for uri in survivors:
+        assert storage.exists(uri), uri
+    # Idempotent: a second pass (a retried finalizer) finds nothing left and deletes nothing.
+    again = delete_artifact(storage, published.manifest_uri)
+    assert again.already_gone
+    assert again.deleted == []
+    assert set(storage.list_keys(f"s3://{s3_bucket}/")) == after
+
+
+def test_corrupted_object_fails_verification_naming_the_file(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The verification the Adapter controller relies on before Ready (and before promotion)."""
+    storage = _storage(s3_server)
+    (tmp_path / "adapter_config.json").write_text('{"r": 8}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\1" * 2048)
+    published = storage.publish_atomic(tmp_path, f"s3://{s3_bucket}/a/", 1, MANIFEST_FIELDS)
+    assert storage.verify_manifest(published.manifest_uri).ok
+    # Same size, different bytes: only the sha256 can tell.
+    storage.put_bytes(f"s3://{s3_bucket}/a/attempts/1/adapter_model.safetensors", b"\2" * 2048)
+    result = storage.verify_manifest(published.manifest_uri)
+    assert not result.ok
+    assert len(result.problems) == 1
+    assert result.problems[0].startswith("attempts/1/adapter_model.safetensors: sha256 mismatch")
