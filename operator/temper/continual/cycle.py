@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from temper.builders.contract import PARENT_ADAPTER_ANNOTATION
 from temper.continual.data_selection import Selection
 from temper.continual.gates import GateReport, evaluate
 from temper.continual.replay import ReplayBuffer, replay_seed
@@ -38,9 +39,6 @@ CYCLE_LABEL = "temper.dev/cycle"
 TRIGGER_ANNOTATION = "temper.dev/trigger-cycle"
 SCHEDULED_ANNOTATION = "temper.dev/scheduled-time"
 NEW_DATA_ANNOTATION = "temper.dev/new-datasets"
-# The adapter the cycle continues from (the promoted one); the operator passes it as the first
-# training stage's contract ``parent`` when it supports it.
-PARENT_ADAPTER_ANNOTATION = "temper.dev/parent-adapter"
 GATES_CONDITION = "GatesPassed"
 TRAINING_TYPES = frozenset({"sft", "dpo", "grpo", "reward-model"})
 RUNNING, SUCCEEDED, FAILED, REPLACED = "Running", "Succeeded", "Failed", "Replaced"

@@ -1,0 +1,122 @@
+"""Operator configuration, read once from the environment (``TEMPER_*``).
+
+Every knob has a production default; tests shorten the intervals. Bad values fail at start-up
+with an error naming the variable, never later in a reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/temper/trainer:0.1.0"
+
+
+class ConfigError(ValueError):
+    """An invalid environment variable; the message names it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    gpu_resource: str = "nvidia.com/gpu"
+    # Empty: cluster-wide. Otherwise only these namespaces are watched.
+    namespaces: tuple[str, ...] = ()
+    metrics_port: int = 9090
+    health_port: int = 8081
+    bind_address: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from the kubelet/Prometheus
+    default_storage_endpoint: str | None = None
+    progress_interval_seconds: float = 30.0
+    trainer_progress_interval_seconds: int = 10
+    trainer_metrics_port: int = 9400
+    master_port: int = 29500
+    backoff_cap_seconds: int = 3600
+    # Leader election (coordination.k8s.io Lease).
+    leader_election: bool = True
+    lease_name: str = "temper-operator"
+    lease_namespace: str = "default"
+    lease_duration_seconds: float = 15.0
+    lease_renew_seconds: float = 5.0
+    identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"temper-{os.getpid()}")
+    workers: int = 8
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        namespaces = tuple(n.strip() for n in env.get("TEMPER_NAMESPACES", "").split(",") if n.strip())
+        duration = _float(env, "TEMPER_LEASE_DURATION_SECONDS", 15.0, 1.0)
+        renew = _float(env, "TEMPER_LEASE_RENEW_SECONDS", min(5.0, duration / 3), 0.1)
+        if renew >= duration:
+            raise ConfigError(
+                "TEMPER_LEASE_RENEW_SECONDS: must be below TEMPER_LEASE_DURATION_SECONDS "
+                f"({renew} >= {duration})"
+            )
+        image = env.get("TEMPER_TRAINER_IMAGE", "") or DEFAULT_TRAINER_IMAGE
+        pull = env.get("TEMPER_IMAGE_PULL_POLICY", "") or "IfNotPresent"
+        if pull not in ("Always", "IfNotPresent", "Never"):
+            raise ConfigError(
+                f"TEMPER_IMAGE_PULL_POLICY: expected Always, IfNotPresent or Never, got {pull!r}"
+            )
+        return cls(
+            trainer_image=image,
+            image_pull_policy=pull,
+            gpu_resource=env.get("TEMPER_GPU_RESOURCE", "") or "nvidia.com/gpu",
+            namespaces=namespaces,
+            metrics_port=_int(env, "TEMPER_METRICS_PORT", 9090, 0),
+            health_port=_int(env, "TEMPER_HEALTH_PORT", 8081, 0),
+            bind_address=env.get("TEMPER_BIND_ADDRESS", "") or "0.0.0.0",  # noqa: S104
+            default_storage_endpoint=env.get("TEMPER_DEFAULT_STORAGE_ENDPOINT") or None,
+            progress_interval_seconds=_float(env, "TEMPER_PROGRESS_INTERVAL_SECONDS", 30.0, 0.1),
+            trainer_progress_interval_seconds=_int(env, "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS", 10, 1),
+            trainer_metrics_port=_int(env, "TEMPER_TRAINER_METRICS_PORT", 9400, 1),
+            master_port=_int(env, "TEMPER_MASTER_PORT", 29500, 1),
+            backoff_cap_seconds=_int(env, "TEMPER_BACKOFF_CAP_SECONDS", 3600, 0),
+            leader_election=_bool(env, "TEMPER_LEADER_ELECTION", True),
+            lease_name=env.get("TEMPER_LEASE_NAME", "") or "temper-operator",
+            lease_namespace=env.get("TEMPER_LEASE_NAMESPACE", "")
+            or env.get("POD_NAMESPACE", "")
+            or "default",
+            lease_duration_seconds=duration,
+            lease_renew_seconds=renew,
+            identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
+            workers=_int(env, "TEMPER_WORKERS", 8, 1),
+        )

@@ -1,0 +1,408 @@
+"""The reconcile loop: watch caches in, planner in the middle, apply layer out.
+
+kopf delivers watch events (runs, Jobs, pods, Services, Adapters) into in-memory caches, and
+every event enqueues the affected run. Workers take keys off a de-duplicating queue, so a burst
+of events for one run costs one reconcile, and one key is never reconciled by two workers at once.
+Reconciles read only the caches: the steady state costs no API reads and no writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from temper import adapters as adapter_ctl
+from temper import metrics
+from temper.api.contract import AdapterRef, StageProgress
+from temper.builders.contract import PARENT_ADAPTER_ANNOTATION
+from temper.builders.names import (
+    ANNOTATION_RUN_NAME,
+    JOB_NAME_LABEL,
+    LABEL_RUN,
+)
+from temper.config import OperatorConfig
+from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube
+from temper.planner import Observed, ObservedAdapter, ObservedJob, Plan, RunningAttempt, plan
+from temper.storage import Storage, StorageError, make_client
+
+log = logging.getLogger("temper.reconcile")
+
+Key = tuple[str, str]  # (namespace, name)
+Kind = Literal["run", "adapter", "progress"]
+CREDENTIALS_TTL = 300.0
+STALLED_RETRY_SECONDS = 30.0
+ERROR_RETRY_SECONDS = (1.0, 60.0)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def run_key_of(obj: dict[str, Any]) -> Key | None:
+    meta = obj.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(ANNOTATION_RUN_NAME) or (meta.get("labels") or {}).get(
+        LABEL_RUN
+    )
+    return (meta.get("namespace", ""), name) if name else None
+
+
+def slim(obj: dict[str, Any], keep_spec: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What the planner reads, nothing more: managedFields and pod templates (which carry the
+    whole stage contract) would otherwise dominate the operator's memory at 1,000 runs."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    spec = obj.get("spec") or {}
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": meta,
+        "spec": {k: spec[k] for k in keep_spec if k in spec},
+        "status": obj.get("status") or {},
+    }
+
+
+@dataclass
+class Caches:
+    runs: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)  # run -> job name -> job
+    pods: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)  # (ns, job) -> pod name -> pod
+    services: dict[Key, set[str]] = field(default_factory=dict)  # run -> names
+    adapters: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    adapters_by_run: dict[Key, set[str]] = field(default_factory=dict)
+
+    def put_run(self, run: dict[str, Any]) -> None:
+        run = {
+            **run,
+            "metadata": {k: v for k, v in (run.get("metadata") or {}).items() if k != "managedFields"},
+        }
+        key = _key(run)
+        if _rv(run) >= _rv(self.runs.get(key, {})):
+            self.runs[key] = run
+
+    def put_job(self, job: dict[str, Any], deleted: bool = False) -> Key | None:
+        job = slim(job, ("suspend",))
+        key = run_key_of(job)
+        if key is None:
+            return None
+        name = job["metadata"]["name"]
+        bucket = self.jobs.setdefault(key, {})
+        if deleted:
+            bucket.pop(name, None)
+            self.pods.pop((key[0], name), None)
+        elif _rv(job) >= _rv(bucket.get(name, {})):
+            bucket[name] = job
+        return key
+
+    def put_pod(self, pod: dict[str, Any], deleted: bool = False) -> Key | None:
+        pod = slim(pod)
+        meta = pod.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
+        if not job:
+            return None
+        bucket = self.pods.setdefault((meta.get("namespace", ""), job), {})
+        if deleted:
+            bucket.pop(meta["name"], None)
+        elif _rv(pod) >= _rv(bucket.get(meta["name"], {})):
+            bucket[meta["name"]] = pod
+        return run_key_of(pod)
+
+    def put_service(self, svc: dict[str, Any], deleted: bool = False) -> Key | None:
+        key = run_key_of(svc)
+        if key is not None:
+            names = self.services.setdefault(key, set())
+            (names.discard if deleted else names.add)(svc["metadata"]["name"])
+        return key
+
+    def put_adapter(self, adapter: dict[str, Any], deleted: bool = False) -> Key | None:
+        adapter = slim(
+            adapter, ("artifact", "method", "lifecycle", "merge", "baseModel", "task", "retention")
+        )
+        key = _key(adapter)
+        run = run_key_of(adapter)
+        if deleted:
+            self.adapters.pop(key, None)
+            if run is not None:
+                self.adapters_by_run.get(run, set()).discard(key[1])
+            return run
+        if _rv(adapter) >= _rv(self.adapters.get(key, {})):
+            self.adapters[key] = adapter
+        if run is not None:
+            self.adapters_by_run.setdefault(run, set()).add(key[1])
+        return run
+
+    def drop_run(self, key: Key) -> None:
+        self.runs.pop(key, None)
+        for job in self.jobs.pop(key, {}):
+            self.pods.pop((key[0], job), None)
+        self.services.pop(key, None)
+        self.adapters_by_run.pop(key, None)
+
+
+class Runtime:
+    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+        self.caches = Caches()
+        # Priority 0: runs never reconciled (apply -> first Job latency); 1: everything else.
+        self.queue: asyncio.PriorityQueue[tuple[int, int, tuple[Kind, Key]]] = asyncio.PriorityQueue()
+        self.seq = 0
+        self.queued: set[tuple[Kind, Key]] = set()
+        self.active: set[tuple[Kind, Key]] = set()
+        self.dirty: set[tuple[Kind, Key]] = set()
+        self.timers: dict[tuple[Kind, Key], asyncio.TimerHandle] = {}
+        self.failures: dict[tuple[Kind, Key], int] = {}
+        self.running: dict[Key, RunningAttempt] = {}
+        self.progress: dict[Key, tuple[tuple[str, int], StageProgress]] = {}
+        self.storages: dict[tuple[str, ...], tuple[float, Storage]] = {}
+        self.started = False
+        self.workers: list[asyncio.Task[None]] = []
+
+    # -- queue ------------------------------------------------------------------------------
+    def enqueue(self, kind: Kind, key: Key, delay: float = 0.0, urgent: bool = False) -> None:
+        item = (kind, key)
+        if delay > 0:
+            old = self.timers.get(item)
+            due = asyncio.get_running_loop().time() + delay
+            if old is not None and old.when() <= due:
+                return  # an earlier wake-up is already scheduled
+            if old is not None:
+                old.cancel()
+            self.timers[item] = asyncio.get_running_loop().call_later(delay, self._fire, item)
+            return
+        if item in self.active:
+            self.dirty.add(item)
+        elif item not in self.queued:
+            self.queued.add(item)
+            self.seq += 1
+            self.queue.put_nowait((0 if urgent else 1, self.seq, item))
+
+    def _fire(self, item: tuple[Kind, Key]) -> None:
+        self.timers.pop(item, None)
+        self.enqueue(*item)
+
+    def start(self) -> None:
+        self.started = True
+        self.workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
+
+    async def stop(self) -> None:
+        for task in self.workers:
+            task.cancel()
+        for handle in self.timers.values():
+            handle.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            _, _, item = await self.queue.get()
+            self.queued.discard(item)
+            self.active.add(item)
+            kind, key = item
+            try:
+                if kind == "run":
+                    await self.reconcile_run(key)
+                elif kind == "adapter":
+                    await self.reconcile_adapter(key)
+                else:
+                    await self.poll_progress(key)
+                self.failures.pop(item, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                n = self.failures.get(item, 0) + 1
+                self.failures[item] = n
+                delay = min(ERROR_RETRY_SECONDS[1], ERROR_RETRY_SECONDS[0] * 2 ** (n - 1))
+                log.warning(
+                    "%s %s/%s failed (%s: %s); retry in %.0fs", kind, *key, type(exc).__name__, exc, delay
+                )
+                self.enqueue(kind, key, delay)
+            finally:
+                self.active.discard(item)
+                if item in self.dirty:
+                    self.dirty.discard(item)
+                    self.enqueue(kind, key)
+
+    # -- runs -------------------------------------------------------------------------------
+    def observe(self, key: Key, run: dict[str, Any]) -> Observed:
+        ns = key[0]
+        jobs = [
+            ObservedJob.from_k8s(job, list(self.caches.pods.get((ns, name), {}).values()))
+            for name, job in self.caches.jobs.get(key, {}).items()
+        ]
+        owned = {}
+        for name in self.caches.adapters_by_run.get(key, set()):
+            adapter = self.caches.adapters.get((ns, name))
+            if adapter is not None:
+                owned[name] = ObservedAdapter.from_k8s(adapter)
+        # Adapters the run names but does not own: reward models, merge sources, and the
+        # promoted adapter a continual cycle continues from.
+        annotations = (run.get("metadata") or {}).get("annotations") or {}
+        names = [annotations.get(PARENT_ADAPTER_ANNOTATION)]
+        for stage in (run.get("spec") or {}).get("stages") or []:
+            names += [r.get("adapter") for r in stage.get("rewards") or []]
+            names += [m.get("adapter") for m in (stage.get("merge") or {}).get("sources") or []]
+        external: dict[str, AdapterRef] = {}
+        for name in filter(None, names):
+            adapter = self.caches.adapters.get((ns, name))
+            if adapter is not None and ObservedAdapter.from_k8s(adapter).ready == "True":
+                external[name] = ObservedAdapter.from_k8s(adapter).ref()
+        cached = self.progress.get(key)
+        status = run.get("status") or {}
+        return Observed(
+            jobs=jobs,
+            adapters=owned,
+            services=self.caches.services.get(key, set()),
+            progress=cached[1] if cached else None,
+            progress_key=cached[0] if cached else None,
+            external_adapters=external,
+            cycle=int(status.get("currentCycle") or 1),
+        )
+
+    async def reconcile_run(self, key: Key) -> None:
+        run = self.caches.runs.get(key)
+        # A continual run is a template (like a CronJob): its cycles are child runs, planned by
+        # temper.handlers.continual; running its stages here would train on placeholder data.
+        if run is None or (run.get("spec") or {}).get("continual"):
+            return
+        started = time.perf_counter()
+        try:
+            p = plan(run, self.observe(key, run), datetime.now(UTC), self.config)
+            await self.apply(key, run, p)
+        finally:
+            metrics.RECONCILE_DURATION.labels("PostTrainingRun").observe(time.perf_counter() - started)
+
+    async def apply(self, key: Key, run: dict[str, Any], p: Plan) -> None:
+        ns, name = key
+        for obj in p.create:
+            created = await self.kube.create(obj)
+            if obj["kind"] == "Job":
+                self.caches.put_job(obj)  # seen at once: the next pass does not re-plan it
+            elif obj["kind"] == "Adapter":
+                self.caches.put_adapter(obj)
+            elif obj["kind"] == "Service":
+                self.caches.put_service(obj)
+            if created:
+                log.info("created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+        for job_name, patch in p.job_patches:
+            await self.kube.patch_job(ns, job_name, patch)
+            job = self.caches.jobs.get(key, {}).get(job_name)
+            if job is not None:
+                job.setdefault("spec", {}).update(patch["spec"])
+        # Events go out before the status that records the transition: a crash in between
+        # repeats an event on restart instead of losing it (at-least-once).
+        for event in p.events:
+            await self.kube.emit(run, event)
+        if p.status:
+            written = await self.kube.patch_status(RUN_PLURAL, ns, name, p.status, run.get("status"))
+            if written is not None:
+                self.caches.put_run(written)
+        for t in p.transitions:
+            metrics.STAGE_DURATION.labels(t.stage_type, t.result).observe(t.duration_seconds)
+            if t.result == "Failed":
+                metrics.STAGE_FAILURES.labels(t.stage_type, t.reason or "Failed").inc()
+        for stage_type in p.retries:
+            metrics.STAGE_RETRIES.labels(stage_type).inc()
+        for stage_type, reason in p.failed_attempts:
+            metrics.STAGE_FAILURES.labels(stage_type, reason).inc()
+        if p.status:
+            metrics.RUN_TALLY.set(key, p.phase)
+        if p.running is not None:
+            first = key not in self.running
+            self.running[key] = p.running
+            progress = (p.status.get("progress") or {}) if p.status else {}
+            metrics.set_progress(
+                ns, name, float(progress.get("percent") or 0.0) / 100.0, progress.get("loss")
+            )
+            if first:
+                self.enqueue("progress", key, min(self.config.progress_interval_seconds, 1.0))
+        elif key in self.running:
+            self.running.pop(key, None)
+            self.progress.pop(key, None)
+            metrics.set_progress(ns, name, None, None)
+        if p.requeue_after is not None:
+            self.enqueue("run", key, p.requeue_after + 0.05)
+        conditions = {c["type"]: c for c in (p.status or {}).get("conditions", [])}
+        if conditions.get("Stalled", {}).get("reason") == "UnresolvedReference":
+            self.enqueue("run", key, STALLED_RETRY_SECONDS)
+
+    def forget_run(self, key: Key) -> None:
+        self.caches.drop_run(key)
+        self.running.pop(key, None)
+        self.progress.pop(key, None)
+        metrics.RUN_TALLY.drop(key)
+        metrics.set_progress(key[0], key[1], None, None)
+
+    # -- progress ---------------------------------------------------------------------------
+    async def storage_for(self, namespace: str, spec: dict[str, Any]) -> Storage:
+        secret = (spec.get("secretRef") or {}).get("name", "")
+        endpoint = spec.get("endpointUrl") or self.config.default_storage_endpoint or ""
+        cache_key = (namespace, secret, endpoint, spec.get("region") or "", spec.get("addressingStyle") or "")
+        cached = self.storages.get(cache_key)
+        if cached is not None and time.monotonic() - cached[0] < CREDENTIALS_TTL:
+            return cached[1]
+        credentials = await self.kube.storage_credentials(namespace, secret) if secret else None
+        config = adapter_ctl.storage_config(spec, self.config.default_storage_endpoint)
+        storage = await asyncio.to_thread(lambda: Storage(config, make_client(config, credentials)))
+        self.storages[cache_key] = (time.monotonic(), storage)
+        return storage
+
+    async def poll_progress(self, key: Key) -> None:
+        running = self.running.get(key)
+        run = self.caches.runs.get(key)
+        if running is None or run is None:
+            return
+        try:
+            storage = await self.storage_for(key[0], (run.get("spec") or {}).get("storage") or {})
+            raw = await asyncio.to_thread(storage.get_bytes, running.progress_uri)
+            progress: StageProgress | None = StageProgress.model_validate(json.loads(raw))
+        except (StorageError, ValueError):
+            progress = None  # not written yet, or unreadable: keep the last known value
+        except Exception as exc:  # e.g. no credentials, endpoint down: progress is best-effort
+            log.debug("progress of %s/%s unreadable: %s", *key, type(exc).__name__)
+            progress = None
+        if progress is not None:
+            stage_key = (running.stage, running.attempt)
+            old = self.progress.get(key)
+            if old is None or old != (stage_key, progress):
+                self.progress[key] = (stage_key, progress)
+                self.enqueue("run", key)
+        if key in self.running:
+            self.enqueue("progress", key, self.config.progress_interval_seconds)
+
+    # -- adapters ---------------------------------------------------------------------------
+    async def reconcile_adapter(self, key: Key) -> None:
+        adapter = self.caches.adapters.get(key)
+        if adapter is None:
+            return
+        spec = adapter.get("spec") or {}
+        status = adapter.get("status") or {}
+        ready: dict[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
+        metrics.ADAPTER_TALLY.set(
+            key, spec.get("lifecycle", "active"), str(ready.get("status") == "True").lower()
+        )
+        if not adapter_ctl.needs_verification(adapter):
+            return
+        started = time.perf_counter()
+        try:
+            storage = await self.storage_for(key[0], spec.get("artifact") or {})
+            result = await asyncio.to_thread(adapter_ctl.verify, adapter, storage)
+            desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
+            written = await self.kube.patch_status(ADAPTER_PLURAL, key[0], key[1], desired, status)
+            if written is not None:
+                self.caches.put_adapter(written)
+            if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):
+                self.enqueue("adapter", key, STALLED_RETRY_SECONDS)
+        finally:
+            metrics.RECONCILE_DURATION.labels("Adapter").observe(time.perf_counter() - started)

@@ -1,0 +1,101 @@
+"""The operator's Prometheus metrics, served on ``/metrics``. Label values are bounded (docs/metrics.md)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter as _Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from temper import __version__ as _version
+
+RUN_STATES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+
+RUNS = Gauge("temper_runs", "PostTrainingRuns per state.", ["state"])
+STAGE_DURATION = Histogram(
+    "temper_stage_duration_seconds",
+    "Wall time of a stage, first Job created to final result, across attempts.",
+    ["stage_type", "result"],
+    buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 259200),
+)
+RECONCILE_DURATION = Histogram(
+    "temper_reconcile_duration_seconds",
+    "Time spent in one reconcile.",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_ERRORS = Counter(
+    "temper_api_errors_total", "Kubernetes API calls that failed.", ["verb", "resource", "code"]
+)
+API_REQUESTS = Counter(
+    "temper_api_requests_total", "Kubernetes API calls made by the operator.", ["verb", "resource"]
+)
+ADAPTERS = Gauge("temper_adapters", "Adapters by lifecycle and readiness.", ["lifecycle", "ready"])
+RUN_PROGRESS = Gauge(
+    "temper_run_progress_ratio", "Progress (0-1) of a run with a running stage.", ["namespace", "run"]
+)
+RUN_LOSS = Gauge("temper_run_loss", "Latest training loss of a run's running stage.", ["namespace", "run"])
+STAGE_RETRIES = Counter(
+    "temper_stage_retries_total", "Stage attempts started after a failed attempt.", ["stage_type"]
+)
+STAGE_FAILURES = Counter("temper_stage_failures_total", "Stages that failed.", ["stage_type", "reason"])
+GATE_FAILURES = Counter("temper_gate_failures_total", "Regression gates that blocked a promotion.", ["suite"])
+FORGETTING = Gauge(
+    "temper_forgetting_ratio",
+    "Relative drop of an old suite's metric vs the promoted adapter.",
+    ["namespace", "run", "suite"],
+)
+RUN_GENERATION = Gauge(
+    "temper_run_generation", "Latest continual-learning generation of a run.", ["namespace", "run"]
+)
+VERIFICATION_FAILURES = Counter(
+    "temper_adapter_verification_failures_total", "Adapter artifacts that failed verification.", ["reason"]
+)
+BUILD_INFO = Gauge("temper_build_info", "Always 1; the operator's version.", ["version"])
+BUILD_INFO.labels(_version).set(1)
+for _state in RUN_STATES:
+    RUNS.labels(_state).set(0)
+
+
+class StateTally:
+    """Object -> state, exported as a per-state gauge; O(1) per update, no re-listing."""
+
+    def __init__(self, gauge: Gauge, states: tuple[str, ...] = ()) -> None:
+        self.gauge = gauge
+        self.states: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.counts: _Tally[tuple[str, ...]] = _Tally()
+        for state in states:
+            self.counts[(state,)] = 0
+
+    def set(self, key: tuple[str, str], *labels: str) -> None:
+        old = self.states.get(key)
+        if old == labels:
+            return
+        if old is not None:
+            self.counts[old] -= 1
+            self.gauge.labels(*old).set(self.counts[old])
+        self.states[key] = labels
+        self.counts[labels] += 1
+        self.gauge.labels(*labels).set(self.counts[labels])
+
+    def drop(self, key: tuple[str, str]) -> None:
+        old = self.states.pop(key, None)
+        if old is not None:
+            self.counts[old] -= 1
+            self.gauge.labels(*old).set(self.counts[old])
+
+
+RUN_TALLY = StateTally(RUNS, RUN_STATES)
+ADAPTER_TALLY = StateTally(ADAPTERS)
+
+
+def set_progress(namespace: str, run: str, ratio: float | None, loss: float | None) -> None:
+    """Per-run series exist only while a stage runs (``ratio`` None removes them)."""
+    if ratio is None:
+        for gauge in (RUN_PROGRESS, RUN_LOSS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, run)
+        return
+    RUN_PROGRESS.labels(namespace, run).set(ratio)
+    if loss is not None:
+        RUN_LOSS.labels(namespace, run).set(loss)

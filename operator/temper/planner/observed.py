@@ -1,0 +1,174 @@
+"""The observed world of one run, parsed from raw Kubernetes objects (pure; the handler fetches them)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from temper.api.contract import AdapterRef, StageProgress, StageResult
+from temper.builders.names import (
+    ANNOTATION_SPEC_HASH,
+    COMPLETION_INDEX_ANNOTATION,
+    LABEL_ATTEMPT,
+    LABEL_CYCLE,
+    LABEL_RUN_UID,
+    LABEL_STAGE,
+    TRAINER_CONTAINER,
+)
+
+JobOutcome = Literal["Complete", "Failed"]
+MESSAGE_LIMIT = 512
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def format_time(value: datetime | None) -> str | None:
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    name: str
+    stage: str
+    cycle: int
+    attempt: int
+    created: datetime | None = None
+    started: datetime | None = None
+    suspended: bool = False
+    active: int = 0
+    outcome: JobOutcome | None = None
+    reason: str = ""
+    message: str = ""
+    finished: datetime | None = None
+    spec_hash: str = ""
+    result: StageResult | None = None
+    disruptions: int = 0  # pods preempted/evicted: replaced by the Job, never counted as failures
+    exit_code: int | None = None
+    deleting: bool = False
+
+    @classmethod
+    def from_k8s(cls, job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> ObservedJob:
+        meta = job.get("metadata", {})
+        labels = meta.get("labels") or {}
+        status = job.get("status") or {}
+        outcome: JobOutcome | None = None
+        reason = message = ""
+        finished = parse_time(status.get("completionTime"))
+        for cond in status.get("conditions") or []:
+            if cond.get("status") != "True":
+                continue
+            if cond.get("type") in ("Complete", "Failed"):
+                outcome = cond["type"]
+                reason = cond.get("reason", "") or ""
+                message = cond.get("message", "") or ""
+                finished = finished or parse_time(cond.get("lastTransitionTime"))
+        result, disruptions, exit_code = _from_pods(pods or [])
+        return cls(
+            name=meta.get("name", ""),
+            stage=labels.get(LABEL_STAGE, ""),
+            cycle=_int(labels.get(LABEL_CYCLE), 1),
+            attempt=_int(labels.get(LABEL_ATTEMPT), 1),
+            created=parse_time(meta.get("creationTimestamp")),
+            started=parse_time(status.get("startTime")),
+            suspended=bool((job.get("spec") or {}).get("suspend")),
+            active=int(status.get("active") or 0),
+            outcome=outcome,
+            reason=reason,
+            message=message[:MESSAGE_LIMIT],
+            finished=finished,
+            spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH, ""),
+            result=result,
+            disruptions=disruptions,
+            exit_code=exit_code,
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+
+def _int(raw: str | None, default: int) -> int:
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        return default
+
+
+def _from_pods(pods: list[dict[str, Any]]) -> tuple[StageResult | None, int, int | None]:
+    """The trainer's StageResult (rank 0's termination message), disruptions and the last exit code."""
+    result: StageResult | None = None
+    disruptions = 0
+    exit_code: int | None = None
+    ordered = sorted(
+        pods,
+        key=lambda p: (p.get("metadata", {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION, "0"),
+    )
+    for pod in ordered:
+        status = pod.get("status") or {}
+        if any(
+            c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        ):
+            disruptions += 1
+            continue
+        for cs in status.get("containerStatuses") or []:
+            if cs.get("name") != TRAINER_CONTAINER:
+                continue
+            term = (cs.get("state") or {}).get("terminated")
+            if not term:
+                continue
+            exit_code = term.get("exitCode")
+            raw = term.get("message")
+            if raw and result is None:
+                with contextlib.suppress(ValueError):
+                    result = StageResult.model_validate(json.loads(raw))
+    return result, disruptions, exit_code
+
+
+AdapterReadiness = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class ObservedAdapter:
+    name: str
+    manifest_uri: str
+    ready: AdapterReadiness = "Unknown"
+    reason: str = ""
+    message: str = ""
+    run_uid: str = ""
+
+    @classmethod
+    def from_k8s(cls, adapter: dict[str, Any]) -> ObservedAdapter:
+        meta = adapter.get("metadata", {})
+        status = adapter.get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        return cls(
+            name=meta.get("name", ""),
+            manifest_uri=((adapter.get("spec") or {}).get("artifact") or {}).get("uri", ""),
+            ready=(ready or {}).get("status", "Unknown"),
+            reason=(ready or {}).get("reason", ""),
+            message=((ready or {}).get("message", "") or "")[:MESSAGE_LIMIT],
+            run_uid=(meta.get("labels") or {}).get(LABEL_RUN_UID, ""),
+        )
+
+    def ref(self) -> AdapterRef:
+        return AdapterRef(name=self.name, manifest_uri=self.manifest_uri)
+
+
+@dataclass
+class Observed:
+    jobs: list[ObservedJob] = field(default_factory=list)
+    adapters: dict[str, ObservedAdapter] = field(default_factory=dict)  # by name
+    services: set[str] = field(default_factory=set)
+    progress: StageProgress | None = None  # of the running attempt, when polled
+    progress_key: tuple[str, int] | None = None  # (stage, attempt) the progress belongs to
+    # Adapters named by stages (reward models, merge sources), Ready ones only.
+    external_adapters: dict[str, AdapterRef] = field(default_factory=dict)
+    cycle: int = 1

@@ -1,0 +1,117 @@
+"""Pure pieces around the planner: status diffing, Adapter verification status, metric tallies."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import Gauge
+from temper.adapters import failure_reason, needs_verification, verification_status
+from temper.api.contract import Manifest, ManifestFile
+from temper.kube import status_changed
+from temper.metrics import StateTally
+from temper.storage import VerifyResult
+
+pytestmark = pytest.mark.unit
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def test_status_diff_ignores_json_number_and_empty_differences() -> None:
+    stored = {"phase": "Running", "stages": [{"name": "sft", "attempts": 1, "percent": 14}], "other": "x"}
+    desired = {
+        "phase": "Running",
+        "stages": [{"name": "sft", "attempts": 1, "percent": 14.0, "metrics": {}}],
+        "progress": None,
+    }
+    assert not status_changed(desired, stored)
+    assert status_changed({"phase": "Failed"}, stored)
+    assert status_changed({"stages": [{"name": "sft", "attempts": 2}]}, stored)
+    assert status_changed({"phase": "Running"}, None)
+
+
+def _adapter(**status: object) -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": "r1-sft-g1",
+            "generation": 1,
+            "labels": {"temper.dev/run": "r1", "temper.dev/stage": "sft", "temper.dev/cycle": "2"},
+            "annotations": {"temper.dev/parent": "r1-base-g2"},
+        },
+        "spec": {"artifact": {"uri": "s3://b/r1/g2/sft/manifest.json"}, "method": "prefix-tuning"},
+        "status": status,
+    }
+
+
+def test_verified_adapter_status_carries_catalog_facts() -> None:
+    manifest = Manifest(
+        files=[ManifestFile(path="attempts/1/a.safetensors", sha256="0" * 64, size=10)],
+        base_model="builtin://tiny",
+        method="prefix-tuning",
+        stage_type="sft",
+        trainer_version="0.1",
+        created_at="now",
+        metrics={"eval/loss": 0.5},
+        lineage={"datasets": ["tickets@e1"]},
+    )
+    status = verification_status(_adapter(), VerifyResult(True, [], 10, "f" * 64, manifest), NOW)
+    assert status["conditions"][0] | {} == {
+        "type": "Ready",
+        "status": "True",
+        "reason": "ArtifactVerified",
+        "message": "1 files verified",
+        "observedGeneration": 1,
+        "lastTransitionTime": "2026-11-26T12:00:00Z",
+    }
+    assert status["artifact"] == {
+        "sha256": "f" * 64,
+        "sizeBytes": 10,
+        "files": 1,
+        "verifiedAt": "2026-11-26T12:00:00Z",
+    }
+    assert status["lineage"] == {
+        "run": "r1",
+        "stage": "sft",
+        "generation": 2,
+        "parent": "r1-base-g2",
+        "datasets": ["tickets@e1"],
+        "trainerVersion": "0.1",
+    }
+    assert status["evals"] == {"eval/loss": 0.5}
+    assert status["servable"] == {"vllm": False}  # prefix tuning is not servable on vLLM
+
+
+def test_failed_verification_names_the_file_and_reason() -> None:
+    result = VerifyResult(False, ["attempts/1/a.safetensors: sha256 mismatch (expected 000…, got 111…)"])
+    status = verification_status(_adapter(), result, NOW)
+    cond = status["conditions"][0]
+    assert (cond["status"], cond["reason"], status["phase"]) == ("False", "VerificationFailed", "Failed")
+    assert "attempts/1/a.safetensors: sha256 mismatch" in cond["message"]
+    assert failure_reason(result.problems[0]) == "Sha256Mismatch"
+    assert failure_reason("manifest.json: cannot read s3://b/k: NoSuchKey") == "ManifestMissing"
+    assert failure_reason("manifest.json: cannot read s3://b/k: EndpointConnectionError") == "ReadError"
+
+
+def test_verification_runs_once_per_generation_and_retries_read_errors() -> None:
+    assert needs_verification(_adapter())
+    verified = {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "ArtifactVerified"}],
+    }
+    assert not needs_verification(_adapter(**verified))
+    unreadable = {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ReadError"}],
+    }
+    assert needs_verification(_adapter(**unreadable))
+
+
+def test_state_tally_moves_objects_between_states() -> None:
+    gauge = Gauge("test_tally_runs", "test", ["state"])
+    tally = StateTally(gauge, ("Running", "Succeeded"))
+    tally.set(("ns", "a"), "Running")
+    tally.set(("ns", "b"), "Running")
+    tally.set(("ns", "a"), "Succeeded")
+    assert gauge.labels("Running")._value.get() == 1
+    assert gauge.labels("Succeeded")._value.get() == 1
+    tally.drop(("ns", "b"))
+    assert gauge.labels("Running")._value.get() == 0
