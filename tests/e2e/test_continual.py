@@ -139,6 +139,9 @@ def _wait(what: str, probe: Callable[[], Any], on_fail: Callable[[], str], timeo
     raise AssertionError(f"timed out waiting for {what}\n{on_fail()}")
 
 
+RUNS = ("replay", "strict")
+
+
 def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
     cluster: Cluster,
     namespace: str,
@@ -195,29 +198,13 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
             )
             return entry
 
-        def quiet() -> bool:
-            """No trainer pod running: exec-node pods share the host network (and the trainer's
-            metrics port), so this test runs one trainer pod at a time."""
-            pods = core.list_namespaced_pod(namespace).items
-            if not all(p.status.phase in ("Succeeded", "Failed") for p in pods):
-                return False
-            # Until the one-shot reconciler skips continual runs it also runs the parents' stages
-            # (on a tiny placeholder dataset): wait for those to end too.
-            for run in crd.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-                stages = (run.get("status") or {}).get("stages") or []
-                if not stages or any(
-                    st.get("state") not in ("Succeeded", "Failed", "Skipped") for st in stages
-                ):
-                    return False
-            return True
-
-        def run_cycle(name: str, cycle: int) -> dict[str, Any]:
-            _wait("no trainer pod running", quiet, debug, 300)
-            trigger(name, f"cycle-{cycle}")
-            return wait_cycle(name, cycle)
+        def run_cycles(cycle: int) -> dict[str, dict[str, Any]]:
+            # Both runs' cycles train concurrently on the exec node.
+            for name in RUNS:
+                trigger(name, f"cycle-{cycle}")
+            return {name: wait_cycle(name, cycle) for name in RUNS}
 
         for name, replay, gate in (("replay", 0.3, REPLAY_GATE), ("strict", 0.0, STRICT_GATE)):
-            _wait("no trainer pod running", quiet, debug, 300)
             crd.create_namespaced_custom_object(
                 GROUP,
                 VERSION,
@@ -233,7 +220,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
                     model_cache=str(tiny_model.parent),
                 ),
             )
-        first = {name: run_cycle(name, 1) for name in ("replay", "strict")}
+        first = run_cycles(1)
         for entry in first.values():
             assert entry["state"] == "Succeeded", entry
             assert entry["promoted"] is True, entry
@@ -243,7 +230,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         storage.put_bytes(
             f"s3://{s3_bucket}/data/in/b-subtract.jsonl", _jsonl(f"builtin://subtract?n={EXAMPLES}&seed=2")
         )
-        second = {name: run_cycle(name, 2) for name in ("replay", "strict")}
+        second = run_cycles(2)
 
         measured = {
             name: {

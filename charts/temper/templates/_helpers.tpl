@@ -1,0 +1,117 @@
+{{/* Chart name, truncated to the 63-character DNS label limit. */}}
+{{- define "temper.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: <release>-<chart>, or just <release> when it already contains the chart name. */}}
+{{- define "temper.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "temper.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "temper.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "temper.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "temper.labels" -}}
+helm.sh/chart: {{ include "temper.chart" . }}
+{{ include "temper.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: temper
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "temper.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "temper.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* repository@digest when a digest is given, else repository:tag (tag defaults to appVersion). */}}
+{{- define "temper.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "temper.leaseName" -}}
+{{- default (printf "%s-leader" (include "temper.fullname" .)) .Values.operator.leaderElection.leaseName }}
+{{- end }}
+
+{{- define "temper.clusterWide" -}}
+{{- if not .Values.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/*
+Rules the operator needs inside every namespace it reconciles. Shared by the ClusterRole
+(cluster-wide mode) and the per-namespace Roles, so both modes grant exactly the same verbs.
+Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
+*/}}
+{{- define "temper.namespacedRules" -}}
+# Runs: watched; kopf keeps its handler state in an annotation (patch); each continual cycle
+# runs as a child PostTrainingRun, pruned to the run's historyLimit (create, delete).
+- apiGroups: ["temper.dev"]
+  resources: ["posttrainingruns"]
+  verbs: ["get", "list", "watch", "patch", "create", "delete"]
+# Adapters: each published stage output is created in the catalog; the retention finalizer
+# and kopf's annotation are patched.
+- apiGroups: ["temper.dev"]
+  resources: ["adapters"]
+  verbs: ["get", "list", "watch", "patch", "create"]
+- apiGroups: ["temper.dev"]
+  resources: ["posttrainingruns/status", "adapters/status"]
+  verbs: ["get", "patch", "update"]
+# Jobs and child runs carry an owner reference with blockOwnerDeletion, which clusters with
+# OwnerReferencesPermissionEnforcement only accept from those who may update the owner's finalizers.
+- apiGroups: ["temper.dev"]
+  resources: ["posttrainingruns/finalizers"]
+  verbs: ["update"]
+# One Job per stage attempt; patch to suspend/resume. Deletion is left to the garbage collector.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Trainer pods' termination messages carry each stage's result; disruptions are read from them.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Headless Services for multi-node (torchrun) rendezvous.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# Storage credentials, read to fetch progress and verify manifests. Never listed or watched.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Promotion aliases are published as ConfigMaps that serving systems read.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
+{{- end }}
