@@ -65,6 +65,8 @@ class OperatorConfig:
     health_port: int = 8081
     bind_address: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from the kubelet/Prometheus
     default_storage_endpoint: str | None = None
+    # Secret (in the run's namespace) with S3 credentials for runs whose storage names none.
+    default_storage_secret: str | None = None
     progress_interval_seconds: float = 30.0
     trainer_progress_interval_seconds: int = 10
     trainer_metrics_port: int = 9400
@@ -105,6 +107,7 @@ class OperatorConfig:
             health_port=_int(env, "TEMPER_HEALTH_PORT", 8081, 0),
             bind_address=env.get("TEMPER_BIND_ADDRESS", "") or "0.0.0.0",  # noqa: S104
             default_storage_endpoint=env.get("TEMPER_DEFAULT_STORAGE_ENDPOINT") or None,
+            default_storage_secret=env.get("TEMPER_DEFAULT_STORAGE_SECRET") or None,
             progress_interval_seconds=_float(env, "TEMPER_PROGRESS_INTERVAL_SECONDS", 30.0, 0.1),
             trainer_progress_interval_seconds=_int(env, "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS", 10, 1),
             trainer_metrics_port=_int(env, "TEMPER_TRAINER_METRICS_PORT", 9400, 1),

@@ -87,6 +87,17 @@ def test_credentials_only_by_secret_reference() -> None:
     assert "secret" not in env["TEMPER_STAGE_CONTRACT"]["value"].lower().replace("secretref", "")
 
 
+def test_default_storage_secret_applies_only_without_a_secret_ref() -> None:
+    config = OperatorConfig(trainer_image="trainer:test", default_storage_secret="platform-s3")
+    named = _run()
+    unnamed = _run()
+    unnamed.spec.storage.secret_ref = None
+    for run, expected in ((named, "s3-creds"), (unnamed, "platform-s3")):
+        contract = stage_contract(run, run.spec.stages[0], cycle=1, attempt=1, config=config)
+        job = build_job(run, run.spec.stages[0], contract, cycle=1, attempt=1, suspend=False, config=config)
+        assert _env(job)["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == expected
+
+
 def test_contract_in_env_resolves_datasets_and_storage() -> None:
     run = _run()
     contract = StageContract.from_env(_env(_job(run))["TEMPER_STAGE_CONTRACT"]["value"])

@@ -94,15 +94,15 @@ def _env(
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    secret = run.spec.storage.secret_ref
-    if secret is not None:
+    ref = run.spec.storage.secret_ref
+    secret = ref.name if ref is not None else config.default_storage_secret
+    if secret:
         # Credentials reach the pod only by reference; their values never pass through the operator.
         env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
-            for key in SECRET_KEYS
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS
         ]
         env += [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key, "optional": True}}}
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
             for key in OPTIONAL_SECRET_KEYS
         ]
     if nodes > 1:

@@ -344,7 +344,7 @@ class Runtime:
 
     # -- progress ---------------------------------------------------------------------------
     async def storage_for(self, namespace: str, spec: dict[str, Any]) -> Storage:
-        secret = (spec.get("secretRef") or {}).get("name", "")
+        secret = (spec.get("secretRef") or {}).get("name") or self.config.default_storage_secret or ""
         endpoint = spec.get("endpointUrl") or self.config.default_storage_endpoint or ""
         cache_key = (namespace, secret, endpoint, spec.get("region") or "", spec.get("addressingStyle") or "")
         cached = self.storages.get(cache_key)
