@@ -98,6 +98,8 @@ build_go_install() { # name module version
 build_etcd
 build_kubernetes
 build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
-build_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+# Stamp helm's default .Capabilities.KubeVersion (else v1.20, below the chart's kubeVersion).
+HELM_K8S_MINOR=${K8S_VERSION#v1.} && HELM_K8S_MINOR=${HELM_K8S_MINOR%%.*}
+have helm || { log "go install helm $HELM_VERSION (KubeVersion v1.$HELM_K8S_MINOR)"; GOBIN=$BIN go install -trimpath -ldflags "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"; }
 log "tools ready in $BIN"
 echo "$BIN"

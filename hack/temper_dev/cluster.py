@@ -291,25 +291,12 @@ class Cluster:
         self.pids = {}
         self._write_kubeconfig()
         try:
-            self._start("etcd", self._etcd_args())
-            self._start("kube-apiserver", self._apiserver_args())
+            self._start("etcd", self._argv("etcd"))
+            self._start("kube-apiserver", self._argv("kube-apiserver"))
             self._save_state()
             self._wait(deadline, "kube-apiserver /readyz", self._readyz)
-            self._start("kube-controller-manager", self._controller_manager_args())
-            self._start("kube-scheduler", self._scheduler_args())
-            self._start("kwok", self._kwok_args())
-            self._start(
-                "execnode",
-                [
-                    sys.executable,
-                    "-m",
-                    "temper_dev.execnode",
-                    "--kubeconfig",
-                    self.kubeconfig,
-                    "--state-dir",
-                    str(self.state_dir),
-                ],
-            )
+            for name in ("kube-controller-manager", "kube-scheduler", "kwok", "execnode"):
+                self._start(name, self._argv(name))
             self._save_state()
             self._create_kwok_nodes()
             self._wait(deadline, "all nodes Ready", self._nodes_ready)
@@ -327,21 +314,50 @@ class Cluster:
         """Stop components in reverse start order; the apiserver's shutdown needs etcd."""
         self._load_state()
         for name in reversed(COMPONENTS):
-            pid = self.pids.get(name)
-            if pid and self._is_ours(name, pid):
-                _signal_group(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 5
-                while self._is_ours(name, pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if self._is_ours(name, pid):
-                    _signal_group(pid, signal.SIGKILL)
-            proc = self._procs.pop(name, None)
-            if proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=1)
+            self._stop(name)
         self.pids = {}
         if self.state_file.exists():
             self.state_file.unlink()
+
+    def restart(self, component: str, timeout: float = 60.0) -> None:
+        """Stop ``component`` (SIGTERM, then SIGKILL after 5 s) and start it again with the same
+        arguments and ports, then wait until it serves again. For fault injection: the other
+        components keep running and see the outage as a real cluster would."""
+        if component not in COMPONENTS:
+            raise ClusterError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+        self._load_state()
+        if not self.ports:
+            raise ClusterError(f"cluster in {self.state_dir} is not up")
+        self._stop(component)
+        self._start(component, self._argv(component))
+        self._save_state()
+        deadline = time.monotonic() + timeout
+        ready: dict[str, Any] = {
+            # The apiserver reconnects to a restarted etcd on its own; readyz covers both.
+            "etcd": self._readyz,
+            "kube-apiserver": self._readyz,
+            "kube-controller-manager": lambda: self._healthz("controller-manager"),
+            "kube-scheduler": lambda: self._healthz("scheduler"),
+            # Both node agents renew leases and statuses; Ready nodes mean they work again.
+            "kwok": self._nodes_ready,
+            "execnode": self._nodes_ready,
+        }
+        self._wait(deadline, f"{component} after restart", ready[component])
+
+    def _stop(self, name: str) -> None:
+        pid = self.pids.get(name)
+        if pid and self._is_ours(name, pid):
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while self._is_ours(name, pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self._is_ours(name, pid):
+                _signal_group(pid, signal.SIGKILL)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        self.pids.pop(name, None)
 
     def status(self) -> dict[str, Any]:
         self._load_state()
@@ -431,6 +447,26 @@ class Cluster:
         self.pids[name] = proc.pid
         self._procs[name] = proc
 
+    def _argv(self, name: str) -> list[str]:
+        if name == "execnode":
+            return [
+                sys.executable,
+                "-m",
+                "temper_dev.execnode",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--state-dir",
+                str(self.state_dir),
+            ]
+        builders = {
+            "etcd": self._etcd_args,
+            "kube-apiserver": self._apiserver_args,
+            "kube-controller-manager": self._controller_manager_args,
+            "kube-scheduler": self._scheduler_args,
+            "kwok": self._kwok_args,
+        }
+        return builders[name]()
+
     def _component_env(self) -> dict[str, str]:
         env = {
             k: v
@@ -473,6 +509,8 @@ class Cluster:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=Node,RBAC",
+            # As on GKE/AKS GPU pools: pods requesting nvidia.com/gpu tolerate the GPU taint.
+            "--enable-admission-plugins=ExtendedResourceToleration",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--cert-dir={self.state_dir / 'apiserver-certs'}",
             "--profiling=false",

@@ -45,7 +45,6 @@ STATE_DIR = Path(os.environ.get("TEMPER_DEMO_DIR") or Path.home() / ".cache" / "
 NAMESPACE = "temper-demo"
 BUCKET = "temper-demo"
 EXEC_POOL = {"temper.dev/node-pool": "exec"}
-EXEC_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 UNSCHEDULABLE_GRACE_SECONDS = 30.0
 GROUP, VERSION = "temper.dev", "v1alpha1"
 RUNS, ADAPTERS = "posttrainingruns", "adapters"
@@ -405,9 +404,18 @@ def pin_to_exec_node(run: dict[str, Any]) -> dict[str, Any]:
         resources = stage.setdefault("resources", {})
         resources.setdefault("nodeSelector", {}).update(EXEC_POOL)
         resources["gpus"] = 0  # it trains on CPU; the node's fake GPUs stay free for GPU-shaped tests
-        tolerations = resources.setdefault("tolerations", [])
-        if EXEC_TOLERATION not in tolerations:
-            tolerations.append(dict(EXEC_TOLERATION))  # the exec node carries the GPU nodes' taint
+    return run
+
+
+def share_model_cache(run: dict[str, Any]) -> dict[str, Any]:
+    """Trainer pods on the exec node reuse this machine's tiny-model cache.
+
+    Each pod otherwise gets its own HOME and rebuilds the model (about half a minute per stage)."""
+    from temper_trainer.tinymodel import model_cache_dir
+
+    env = run["spec"].setdefault("trainer", {}).setdefault("env", [])
+    if not any(e.get("name") == "TEMPER_MODEL_CACHE" for e in env):
+        env.append({"name": "TEMPER_MODEL_CACHE", "value": str(model_cache_dir())})
     return run
 
 
@@ -830,7 +838,7 @@ def run_demo(opts: DemoOptions, display: Display) -> int:
         write_state(state)
 
         run_obj["metadata"]["namespace"] = opts.namespace
-        pin_to_exec_node(run_obj)
+        share_model_cache(pin_to_exec_node(run_obj))
         applied = STATE_DIR / "quickstart.applied.yaml"
         applied.write_text(yaml.safe_dump(run_obj, sort_keys=False))
         shown = opts.manifest.relative_to(REPO) if opts.manifest.is_relative_to(REPO) else opts.manifest

@@ -1,6 +1,7 @@
 """The exec node: a minimal node agent that runs pods bound to Node ``exec-node`` as processes.
 
-It registers the Node (GPU capacity and taint like the kwok nodes, so GPU pods can land here),
+It registers the Node (GPU capacity but no GPU taint: it is the cluster's general-purpose pool,
+where CPU-only pods land as on a real cluster, and GPU pods may land too),
 renews its Lease, watches its pods and runs each container's ``command`` + ``args`` locally in
 its own process group. Per pod it keeps a scratch dir ``<state>/pods/<ns>/<name>/<uid>/`` with
 ``volumes/`` (emptyDir, configMap and secret files), ``home/``, ``tmp/``, ``logs/<c>.log`` and
@@ -37,9 +38,9 @@ from typing import Any
 
 NODE_NAME = "exec-node"
 GPU_RESOURCE = "nvidia.com/gpu"
-GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 EXEC_GPUS = 4
 LEASE_SECONDS = 40
+DELIVERY_DEADLINE_SECONDS = 300
 HEARTBEAT_SECONDS = 10
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
@@ -679,32 +680,58 @@ class ExecNodeAgent:
         return lookup
 
     def patch_status(self, pod: Pod, status: dict[str, Any]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         meta = pod["metadata"]
-        try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
-        except ApiException as err:
-            if err.status != 404:
-                log.warning("status of %s/%s: %s", meta["namespace"], meta["name"], err.reason)
+        self._until_delivered(
+            f"status of {meta['namespace']}/{meta['name']}",
+            lambda: self.core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": status}
+            ),
+            done_codes=(404,),
+        )
 
     def finalize_deletion(self, pod: Pod) -> None:
         """Remove the pod object for good, as a kubelet does once its containers are gone."""
         from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
 
         meta = pod["metadata"]
-        try:
-            self.core.delete_namespaced_pod(
+        self._until_delivered(
+            f"delete {meta['namespace']}/{meta['name']}",
+            lambda: self.core.delete_namespaced_pod(
                 meta["name"],
                 meta["namespace"],
                 body=client.V1DeleteOptions(
                     grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
                 ),
-            )
-        except ApiException as err:
-            if err.status not in (404, 409):
-                log.warning("delete %s/%s: %s", meta["namespace"], meta["name"], err.reason)
+            ),
+            done_codes=(404, 409),
+        )
+
+    def _until_delivered(self, what: str, call: Callable[[], Any], done_codes: tuple[int, ...]) -> None:
+        """Retry through apiserver outages, as a kubelet keeps syncing: a pod's final status that
+        is dropped while the apiserver restarts would leave it Running forever."""
+        from kubernetes.client.exceptions import ApiException
+
+        deadline = time.monotonic() + DELIVERY_DEADLINE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                call()
+                return
+            except ApiException as err:
+                if err.status in done_codes:
+                    return
+                if err.status is not None and err.status < 500 and err.status != 429:
+                    log.warning("%s: %s", what, err.reason)
+                    return
+                problem = f"{err.status} {err.reason}"
+            except Exception as err:  # connection refused/reset while the apiserver is down
+                problem = type(err).__name__
+            if time.monotonic() > deadline:
+                log.error("%s: giving up after %ss (%s)", what, DELIVERY_DEADLINE_SECONDS, problem)
+                return
+            log.warning("%s: %s; retrying in %.1fs", what, problem, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def forget(self, uid: str) -> None:
         with self.lock:
@@ -731,7 +758,9 @@ class ExecNodeAgent:
                     "nvidia.com/gpu.product": "exec-node-cpu",
                 },
             },
-            "spec": {"taints": [dict(GPU_TAINT)]},
+            # Untainted, like a real cluster's CPU pool: a CPU-only stage (gpus: 0) needs no
+            # toleration or nodeSelector; the kwok GPU nodes keep the taint.
+            "spec": {},
         }
         try:
             self.core.create_node(body)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import kopf
 from aiohttp import web
@@ -26,6 +27,9 @@ from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube, list_objects, load_api
 from temper.leader import LeaderElector
 
 log = logging.getLogger("temper")
+# Shutdown never waits longer than this: S3 or API calls stuck in worker threads (a partitioned
+# endpoint) would otherwise hold the exit, e.g. in asyncio.run's default-executor shutdown.
+SHUTDOWN_GRACE_SECONDS = 3.0
 
 
 class Health:
@@ -105,6 +109,7 @@ async def run_operator(config: OperatorConfig) -> None:
         # Every action is idempotent and re-derived from the cluster on start-up, so there is no
         # in-flight work worth draining: hand the Lease over and exit at once.
         log.info("shutting down: releasing the lease")
+        hard_exit_after(SHUTDOWN_GRACE_SECONDS)
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(elector.release(), timeout=2)
@@ -149,6 +154,7 @@ async def run_operator(config: OperatorConfig) -> None:
         install_signals()  # kopf installs its own (slow, draining) handlers at start-up: ours win
         await kopf_task
     finally:
+        hard_exit_after(SHUTDOWN_GRACE_SECONDS)  # asyncio.run joins executor threads next
         if keeper is not None:
             keeper.cancel()
         await runtime.stop()
@@ -156,6 +162,18 @@ async def run_operator(config: OperatorConfig) -> None:
         for runner in runners:
             await runner.cleanup()
         kube.close()
+
+
+def hard_exit_after(seconds: float) -> None:
+    """Exit the process after ``seconds`` even if the event loop or its threads are stuck."""
+
+    def _exit() -> None:
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, _exit)
+    timer.daemon = True
+    timer.start()
 
 
 def main() -> None:
@@ -169,6 +187,9 @@ def main() -> None:
         sys.exit(2)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_operator(config))
+    # Interpreter exit would join worker threads, including any stuck on a partitioned endpoint.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

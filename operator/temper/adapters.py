@@ -8,9 +8,10 @@ around them without touching verification.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from temper import metrics
+from temper.api.common import RECONCILING, STALLED
 from temper.api.contract import StorageConfig
 from temper.builders.names import LABEL_CYCLE, LABEL_RUN, LABEL_STAGE
 from temper.storage import Storage, VerifyResult
@@ -18,6 +19,13 @@ from temper.storage import Storage, VerifyResult
 VERIFIED = "ArtifactVerified"
 VERIFICATION_FAILED = "VerificationFailed"
 READ_ERROR = "ReadError"  # storage unreachable: retried, not a verdict on the artifact
+VERIFYING = "Verifying"  # published, not verified yet
+MERGED = "Merged"
+# Merge refusals no new event can lift: only a spec change (new generation) can. The others
+# (a source not found or not Ready yet) may resolve themselves, so the merge keeps waiting.
+PERMANENT_MERGE_BLOCKS = frozenset(
+    {"BaseModelMismatch", "InvalidMerge", "UnsupportedMethod", "SourceRetired"}
+)
 VLLM_METHODS = ("lora", "qlora", "adalora")
 
 
@@ -37,6 +45,15 @@ def retry_verification(adapter: dict[str, Any], reason: str) -> bool:
     Adapter's manifest is not there *yet* because its merge Job has not published."""
     merging = bool((adapter.get("spec") or {}).get("merge"))
     return reason == READ_ERROR or (merging and reason == "ManifestMissing")
+
+
+def merge_blocked_for_good(adapter: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``Merged=False`` condition of a merge refused for good, else None."""
+    conditions = (adapter.get("status") or {}).get("conditions") or []
+    merged = next((c for c in conditions if c.get("type") == MERGED), None)
+    if merged and merged.get("status") == "False" and merged.get("reason") in PERMANENT_MERGE_BLOCKS:
+        return dict(merged)
+    return None
 
 
 def failure_reason(problem: str) -> str:
@@ -63,6 +80,60 @@ def storage_config(artifact: dict[str, Any], default_endpoint: str | None) -> St
     )
 
 
+def transient_failure(adapter: dict[str, Any], problems: list[str]) -> str | None:
+    """The Ready reason of a failure that may fix itself (retried, never Stalled), else None."""
+    reasons = {failure_reason(p) for p in problems}
+    if reasons == {READ_ERROR}:
+        return READ_ERROR
+    merging = bool((adapter.get("spec") or {}).get("merge"))
+    if merging and reasons == {"ManifestMissing"} and not merge_blocked_for_good(adapter):
+        return "ManifestMissing"  # the merge Job has not published yet
+    return None
+
+
+def pending_status(adapter: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """What an Adapter reads before its first verification: kstatus InProgress, Argo Progressing.
+
+    Without it a just-published Adapter has no conditions, which kstatus reports as Current.
+    Ready stays absent until there is a verdict (waiters on Ready see only real verdicts, and
+    a missing Ready is what makes the controller verify).
+    """
+    generation = (adapter.get("metadata") or {}).get("generation")
+    base = {
+        "reason": VERIFYING,
+        "observedGeneration": generation,
+        "lastTransitionTime": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return {
+        "observedGeneration": generation,
+        "phase": "Pending",
+        "conditions": [
+            {"type": RECONCILING, "status": "True", "message": "artifact not verified yet", **base},
+            {"type": STALLED, "status": "False", "message": "", **base},
+        ],
+    }
+
+
+def kstatus_conditions(
+    ready: dict[str, Any], outcome: Literal["ready", "retrying", "stalled"]
+) -> list[dict[str, Any]]:
+    """Ready first (callers read ``conditions[0]``), then kstatus' Reconciling and Stalled.
+
+    Reconciling is True while verification will be retried, Stalled when it failed for good
+    (checksum mismatch, missing file): only a new artifact (a spec change) can fix that.
+    """
+
+    def derived(ctype: str, on: bool) -> dict[str, Any]:
+        return {
+            **ready,
+            "type": ctype,
+            "status": "True" if on else "False",
+            "message": ready["message"] if on else "",
+        }
+
+    return [ready, derived(RECONCILING, outcome == "retrying"), derived(STALLED, outcome == "stalled")]
+
+
 def verification_status(adapter: dict[str, Any], result: VerifyResult, now: datetime) -> dict[str, Any]:
     meta = adapter.get("metadata") or {}
     spec = adapter.get("spec") or {}
@@ -71,31 +142,35 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     prev = {c.get("type"): c for c in (adapter.get("status") or {}).get("conditions") or []}
 
-    def condition(status: str, reason: str, message: str) -> dict[str, Any]:
-        old = prev.get("Ready")
-        keep = old is not None and old.get("status") == status
-        return {
+    def conditions(
+        status: str, reason: str, message: str, outcome: Literal["ready", "retrying", "stalled"]
+    ) -> list[dict[str, Any]]:
+        ready = {
             "type": "Ready",
             "status": status,
             "reason": reason,
             "message": message,
             "observedGeneration": generation,
-            "lastTransitionTime": old.get("lastTransitionTime") if keep and old else stamp,
         }
+        out = kstatus_conditions(ready, outcome)
+        for cond in out:  # a condition's transition time moves only when its status does
+            old = prev.get(cond["type"])
+            keep = old is not None and old.get("status") == cond["status"]
+            cond["lastTransitionTime"] = old.get("lastTransitionTime") if keep and old else stamp
+        return out
 
     if not result.ok:
         problems = "; ".join(result.problems[:5])
-        reason = (
-            READ_ERROR
-            if all(failure_reason(p) == READ_ERROR for p in result.problems)
-            else VERIFICATION_FAILED
-        )
+        transient = transient_failure(adapter, result.problems)
+        reason = transient or VERIFICATION_FAILED
+        message = f"{spec.get('artifact', {}).get('uri', '')}: {problems}"
+        blocked = merge_blocked_for_good(adapter)
+        if blocked and not transient:  # nothing was published because the merge was refused
+            reason, message = str(blocked.get("reason")), f"merge refused: {blocked.get('message', '')}"
         return {
             "observedGeneration": generation,
-            "phase": "Pending" if reason == READ_ERROR else "Failed",
-            "conditions": [
-                condition("False", reason, f"{spec.get('artifact', {}).get('uri', '')}: {problems}")
-            ],
+            "phase": "Pending" if transient else "Failed",
+            "conditions": conditions("False", reason, message, "retrying" if transient else "stalled"),
         }
     manifest = result.manifest
     assert manifest is not None
@@ -116,7 +191,7 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
     return {
         "observedGeneration": generation,
         "phase": "Retired" if spec.get("lifecycle") == "retired" else "Ready",
-        "conditions": [condition("True", VERIFIED, f"{len(manifest.files)} files verified")],
+        "conditions": conditions("True", VERIFIED, f"{len(manifest.files)} files verified", "ready"),
         "artifact": {
             "sha256": result.manifest_sha256,
             "sizeBytes": result.total_size,

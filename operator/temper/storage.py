@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -34,6 +35,19 @@ from botocore.exceptions import ClientError
 from temper.api.contract import Manifest, ManifestFile, StorageConfig
 
 MANIFEST_NAME = "manifest.json"
+# Bounded network waits: a partitioned S3 must fail a call in seconds, not hang a reconcile
+# worker (or a shutdown) for botocore's 60 s read timeout times its retries.
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 20.0
+MAX_ATTEMPTS = 3
+# Test-only fault injection (the chaos campaign): with TEMPER_FAILPOINT=publish-before-manifest
+# the process dies (exit 137, like a SIGKILL) after uploading an attempt's files and before
+# writing its manifest; TEMPER_FAILPOINT_ATTEMPTS=1,2 limits it to those attempt numbers (a later
+# attempt publishes normally) and TEMPER_FAILPOINT_MATCH=<text> to output prefixes containing it
+# (e.g. "/sft/": one stage). Never set in production.
+FAILPOINT_ENV = "TEMPER_FAILPOINT"
+FAILPOINT_ATTEMPTS_ENV = "TEMPER_FAILPOINT_ATTEMPTS"
+FAILPOINT_MATCH_ENV = "TEMPER_FAILPOINT_MATCH"
 _CHUNK = 1024 * 1024
 _ATTEMPT_DIR = re.compile(r"^attempts/[^/]+/")
 
@@ -124,7 +138,9 @@ def make_client(config: StorageConfig, credentials: Credentials | None = None) -
         "region_name": config.region,
         "config": BotoConfig(
             s3={"addressing_style": config.addressing_style},
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
             # Checksums on every request break some S3-compatible stores; only when required.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -278,6 +294,7 @@ class Storage:
             ManifestFile(path=f"{attempt_rel}/{entry.path}", sha256=entry.sha256, size=entry.size)
             for entry in uploaded
         ]
+        _failpoint("publish-before-manifest", attempt, prefix)
         fields = dict(manifest_fields)
         fields.setdefault("createdAt", datetime.now(UTC).isoformat(timespec="seconds"))
         manifest = Manifest.model_validate({**fields, "files": [f.model_dump() for f in files]})
@@ -348,6 +365,18 @@ class Storage:
                 raise VerificationError(f"{entry.path}: sha256 mismatch")
         (dest / MANIFEST_NAME).write_text(manifest.model_dump_json(by_alias=True, indent=2))
         return manifest
+
+
+def _failpoint(name: str, attempt: int | str, where: str) -> None:
+    if os.environ.get(FAILPOINT_ENV) != name:
+        return
+    if os.environ.get(FAILPOINT_MATCH_ENV, "") not in where:
+        return
+    attempts = os.environ.get(FAILPOINT_ATTEMPTS_ENV)
+    if attempts and str(attempt) not in {a.strip() for a in attempts.split(",")}:
+        return
+    logging.getLogger(__name__).error("failpoint %s: exiting at attempt %s (test only)", name, attempt)
+    os._exit(137)
 
 
 def _loc(uri: str | S3Uri) -> S3Uri:

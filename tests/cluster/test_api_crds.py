@@ -210,4 +210,10 @@ def test_category_and_short_names(cluster: Any, objects: client.CustomObjectsApi
     listed = cluster.kubectl("get", "temper", "-n", namespace, "-o", "name").stdout.split()
     assert sorted(listed) == ["adapter.temper.dev/listed", "posttrainingrun.temper.dev/listed"]
     header = cluster.kubectl("get", "adp", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "METHOD", "TASK", "LIFECYCLE", "READY", "AGE"]
+    assert header == ["NAME", "METHOD", "TASK", "LIFECYCLE", "ALIASES", "READY", "AGE"]
+    # status.aliases (mirrored by the operator from the runs' aliases) is listed per Adapter.
+    objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "adapters", "listed", {"status": {"aliases": ["canary", "production"]}}
+    )
+    row = cluster.kubectl("get", "adp", "listed", "-n", namespace).stdout.splitlines()[1]
+    assert '["canary","production"]' in row, row

@@ -1,8 +1,10 @@
-"""Smoke tests of the hermetic cluster: real scheduler, kwok GPU nodes, exec node, GC."""
+"""Smoke tests of the hermetic cluster: real scheduler, kwok GPU nodes, exec node, GC, and the
+fault hooks the chaos campaign uses (component restarts, S3 outages)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -11,8 +13,11 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from temper_dev.cluster import Cluster
+from temper_dev.cluster import Cluster, ClusterError
 from temper_dev.execnode import pod_dirs
+from temper_dev.s3server import S3Server
+
+from tests.fixtures.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -321,3 +326,110 @@ def _log(cluster: Cluster, namespace: str, name: str) -> str:
         return cluster.pod_log(namespace, name)
     except Exception:
         return ""
+
+
+def test_cluster_keeps_working_across_apiserver_restart(cluster: Cluster, namespace: str) -> None:
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": "before"}, "data": {"k": "v"}})
+    old_pid = cluster.status()["components"]["kube-apiserver"]["pid"]
+
+    cluster.restart("kube-apiserver")
+
+    status = cluster.status()
+    assert status["ready"]
+    assert status["components"]["kube-apiserver"]["alive"]
+    assert status["components"]["kube-apiserver"]["pid"] != old_pid
+    with cluster.api_client() as api:  # fresh connections: the old ones died with the server
+        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        assert core.read_namespaced_config_map("before", namespace).data == {"k": "v"}
+        # New work needs every other component reconnected: controller-manager (Job -> Pod),
+        # scheduler (binding), kwok (fake GPU node) and the exec node (real process).
+        batch.create_namespaced_job(namespace, gpu_job("after", {"temper.dev/fake-duration": "300ms"}))
+        core.create_namespaced_pod(namespace, exec_pod("after-exec", "print('alive')"))
+        condition = wait_for("job after to finish", lambda: job_condition(batch, namespace, "after"), 60)
+        assert condition.type == "Complete"
+        phase = wait_for(
+            "exec pod to finish",
+            lambda: _terminal_phase(core.read_namespaced_pod("after-exec", namespace)),
+            60,
+        )
+        assert phase == "Succeeded"
+        assert "alive" in _log(cluster, namespace, "after-exec")
+
+
+def _terminal_phase(pod: Any) -> str | None:
+    phase: str = pod.status.phase
+    return phase if phase in ("Succeeded", "Failed") else None
+
+
+def test_restart_rejects_unknown_component(cluster: Cluster) -> None:
+    with pytest.raises(ClusterError, match="unknown component 'kubelet'"):
+        cluster.restart("kubelet")
+
+
+def test_s3_outage_keeps_objects(s3_outage_server: S3Server) -> None:
+    from botocore.config import Config
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    bucket = s3_outage_server.create_bucket()
+    s3_outage_server.client().put_object(Bucket=bucket, Key="kept", Body=b"payload")
+    import boto3
+
+    impatient = boto3.client(
+        "s3",
+        endpoint_url=s3_outage_server.endpoint_url,
+        region_name="us-east-1",
+        config=Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1}),
+        aws_access_key_id=s3_outage_server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_outage_server.env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+    s3_outage_server.outage("blackhole")  # a partition: requests hang until the client gives up
+    with pytest.raises((ReadTimeoutError, ConnectTimeoutError)):
+        impatient.get_object(Bucket=bucket, Key="kept")
+    s3_outage_server.outage("refuse")  # connections closed at once, no answer
+    with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
+        impatient.get_object(Bucket=bucket, Key="kept")
+    s3_outage_server.restore()
+
+    body = s3_outage_server.client().get_object(Bucket=bucket, Key="kept")["Body"].read()
+    assert body == b"payload"
+
+
+def test_operator_exits_promptly_on_sigterm_while_s3_is_blackholed(
+    cluster: Cluster,
+    namespace: str,
+    s3_outage_server: S3Server,
+    s3_secret: str,
+    operator_factory: Callable[..., OperatorProcess],
+) -> None:
+    from tests.cluster.test_operator_pipeline import Api, pipeline
+
+    bucket = s3_outage_server.create_bucket()
+    operator = operator_factory(TEMPER_DEFAULT_STORAGE_ENDPOINT=s3_outage_server.endpoint_url)
+    operator.wait_role("leader", timeout=60)
+    api = Api(cluster, namespace)
+    body = pipeline("hung", bucket, pod_annotations={"temper.dev/fake-duration": "120s"})
+    body["spec"]["storage"]["endpointUrl"] = s3_outage_server.endpoint_url
+    api.create_run(body)
+    # While a stage runs, the operator reads its progress from S3 every 0.5 s.
+    wait_for("the sft pod to run", lambda: any(p.status.phase == "Running" for p in api.pods("hung")), 60)
+    s3_outage_server.outage("blackhole")
+    time.sleep(2)  # several progress reads are now stuck waiting for an answer
+
+    assert operator.proc is not None
+    operator.proc.terminate()
+    try:
+        code = operator.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"operator still running 10 s after SIGTERM:\n{operator.log()[-3000:]}"
+        ) from None
+    assert code == 0, operator.log()[-3000:]
+    assert "shutting down" in operator.log()

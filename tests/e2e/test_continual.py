@@ -174,6 +174,20 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
             body = {"metadata": {"annotations": {"temper.dev/trigger-cycle": token}}}
             crd.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
 
+        def adapter_aliases(expected: dict[str, list[str]]) -> bool:
+            """Each Adapter's status.aliases mirrors the run's status.aliases."""
+            found = {
+                name: (
+                    crd.get_namespaced_custom_object(GROUP, VERSION, namespace, "adapters", name).get(
+                        "status"
+                    )
+                    or {}
+                ).get("aliases")
+                or []
+                for name in expected
+            }
+            return found == expected
+
         def cycle_done(name: str, cycle: int) -> dict[str, Any] | None:
             for entry in (get(name).get("status") or {}).get("cycles") or []:
                 if entry.get("cycle") == cycle and entry.get("state") in ("Succeeded", "Failed"):
@@ -267,6 +281,13 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
                 "promotedAt": replay_run["status"]["aliases"][0]["promotedAt"],
             }
         ]
+        # The alias moved: the new Adapter lists it, the old one no longer does.
+        _wait(
+            "Adapter status.aliases after promotion",
+            lambda: adapter_aliases({ok["adapter"]: ["stable"], first["replay"]["adapter"]: []}),
+            debug,
+            30,
+        )
         cm = core.read_namespaced_config_map(alias_configmap_name("replay", "stable"), namespace)
         assert cm.data["adapter"] == ok["adapter"]
         assert json.loads(cm.data["vllm-lora-modules.json"])[0]["name"] == "replay-stable"
@@ -297,6 +318,13 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         forgetting = blocked["gateResults"][0]["forgetting"]
         assert forgetting > STRICT_GATE
         assert strict_run["status"]["aliases"][0]["adapter"] == first["strict"]["adapter"]
+        assert blocked["adapter"] != first["strict"]["adapter"]
+        _wait(
+            "a blocked adapter gets no alias",
+            lambda: adapter_aliases({first["strict"]["adapter"]: ["stable"], blocked["adapter"]: []}),
+            debug,
+            30,
+        )
         cm = core.read_namespaced_config_map(alias_configmap_name("strict", "stable"), namespace)
         assert cm.data["adapter"] == first["strict"]["adapter"]
         condition = next(c for c in strict_run["status"]["conditions"] if c["type"] == "GatesPassed")
@@ -333,6 +361,12 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
             )
 
         _wait("rollback to cycle 1", rolled_back, debug, 60)
+        _wait(
+            "Adapter status.aliases after rollback",
+            lambda: adapter_aliases({g1: ["stable"], ok["adapter"]: []}),
+            debug,
+            30,
+        )
         # A target this alias never pointed at is refused and the alias is restored.
         core.patch_namespaced_config_map(
             cm_name, namespace, {"data": {"adapter": first["strict"]["adapter"]}}

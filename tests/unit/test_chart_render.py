@@ -49,18 +49,17 @@ ALERTS = {
 # docs/operator.md's RBAC table plus what the continual/adapter controllers call (child runs,
 # alias ConfigMaps, finalizer patches); the cluster test proves these on a real apiserver.
 OPERATOR_NAMESPACED_PERMISSIONS: dict[tuple[str, str], set[str]] = {
-    ("temper.dev", "posttrainingruns"): {"get", "list", "watch", "patch", "create", "delete"},
+    ("temper.dev", "posttrainingruns"): {"get", "list", "watch", "create", "delete"},
     ("temper.dev", "adapters"): {"get", "list", "watch", "patch", "create"},
-    ("temper.dev", "posttrainingruns/status"): {"get", "patch", "update"},
-    ("temper.dev", "adapters/status"): {"get", "patch", "update"},
+    ("temper.dev", "posttrainingruns/status"): {"patch"},
+    ("temper.dev", "adapters/status"): {"patch"},
     ("temper.dev", "posttrainingruns/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "services"): {"get", "list", "watch", "create"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("batch", "jobs"): {"list", "watch", "create", "patch"},
+    ("", "pods"): {"list", "watch"},
+    ("", "services"): {"list", "watch", "create"},
+    ("", "events"): {"create"},
     ("", "secrets"): {"get"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update"},
 }
 CLUSTER_READS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"}}
 

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from temper.builders.contract import PARENT_ADAPTER_ANNOTATION
 from temper.continual.cycle import (
     CYCLE_LABEL,
     NEW_DATA_ANNOTATION,
-    PARENT_ADAPTER_ANNOTATION,
     PARENT_LABEL,
     TRIGGER_ANNOTATION,
     plan,

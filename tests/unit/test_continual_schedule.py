@@ -7,13 +7,25 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from temper.continual.schedule import CronSchedule, FakeClock, ScheduleError, decide
+from temper.continual.schedule import CronSchedule, DueDecision, FakeClock, ScheduleError, decide
 
 pytestmark = pytest.mark.unit
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
     return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
+HOURLY = CronSchedule.parse("0 * * * *")
+CREATED = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def decide_at(
+    now: datetime, last_scheduled: datetime | None, sched: CronSchedule = HOURLY, **options: Any
+) -> DueDecision:
+    """decide() for a run created on 2026-01-01, with no active cycle unless ``options`` say so."""
+    options.setdefault("active_cycles", 0)
+    return decide(sched, now=now, last_scheduled=last_scheduled, created=CREATED, **options)
 
 
 def fires(expr: str, start: datetime, n: int, tz: str = "UTC") -> list[datetime]:
@@ -132,14 +144,7 @@ def test_decide_not_due_then_due_with_fake_clock() -> None:
 
 
 def test_missed_schedules_without_deadline_start_only_the_latest() -> None:
-    sched = CronSchedule.parse("0 * * * *")
-    d = decide(
-        sched,
-        now=utc(2026, 1, 1, 5, 10),
-        last_scheduled=utc(2026, 1, 1, 1),
-        created=utc(2026, 1, 1),
-        active_cycles=0,
-    )
+    d = decide_at(utc(2026, 1, 1, 5, 10), utc(2026, 1, 1, 1))
     assert d.start == utc(2026, 1, 1, 5)
     assert d.missed == 3  # 02:00, 03:00, 04:00 dropped
 
@@ -147,25 +152,11 @@ def test_missed_schedules_without_deadline_start_only_the_latest() -> None:
 def test_starting_deadline_drops_a_stale_schedule() -> None:
     sched = CronSchedule.parse("0 3 * * *")
     now = utc(2026, 1, 1, 3, 10)  # operator was down 10 minutes past the due time
-    d = decide(
-        sched,
-        now=now,
-        last_scheduled=None,
-        created=utc(2026, 1, 1),
-        active_cycles=0,
-        starting_deadline_seconds=300,
-    )
+    d = decide_at(now, None, sched, starting_deadline_seconds=300)
     assert d.start is None
     assert d.reason == "MissedDeadline"
     assert d.missed == 1
-    ok = decide(
-        sched,
-        now=now,
-        last_scheduled=None,
-        created=utc(2026, 1, 1),
-        active_cycles=0,
-        starting_deadline_seconds=900,
-    )
+    ok = decide_at(now, None, sched, starting_deadline_seconds=900)
     assert ok.start == utc(2026, 1, 1, 3)
 
 
@@ -187,14 +178,8 @@ def test_concurrency_policies() -> None:
     assert replace.start == utc(2026, 1, 1, 2)
     assert replace.stop_active
     # Forbid then the active cycle ends within the deadline: the held-back time starts.
-    later = decide(
-        sched,
-        now=utc(2026, 1, 1, 2, 4),
-        last_scheduled=utc(2026, 1, 1, 1),
-        created=utc(2026, 1, 1),
-        active_cycles=0,
-        policy="Forbid",
-        starting_deadline_seconds=600,
+    later = decide_at(
+        utc(2026, 1, 1, 2, 4), utc(2026, 1, 1, 1), policy="Forbid", starting_deadline_seconds=600
     )
     assert later.start == utc(2026, 1, 1, 2)
     with pytest.raises(ScheduleError, match="concurrencyPolicy"):
@@ -202,15 +187,7 @@ def test_concurrency_policies() -> None:
 
 
 def test_suspended_starts_nothing() -> None:
-    sched = CronSchedule.parse("0 * * * *")
-    d = decide(
-        sched,
-        now=utc(2026, 1, 1, 2, 1),
-        last_scheduled=utc(2026, 1, 1, 1),
-        created=utc(2026, 1, 1),
-        active_cycles=0,
-        suspended=True,
-    )
+    d = decide_at(utc(2026, 1, 1, 2, 1), utc(2026, 1, 1, 1), suspended=True)
     assert d.start is None
     assert d.reason == "Suspended"
 

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK
-from temper.storage import Storage
-from temper_dev.s3server import S3Server
 
-from tests.unit.test_trainer_rl_stages import (
-    contract,
-    download,
-    published,
-    rl_storage,
-    run_contract,
-    single_torch_thread,
-)
+from tests.unit.trainer_helpers import RlStages, rl_fixture  # noqa: F401  (the rl fixture)
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    yield from single_torch_thread()
-
-
-@pytest.fixture
-def storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Storage:
-    return rl_storage(s3_server, monkeypatch)
-
-
-def publish_lora(
-    storage: Storage, bucket: str, name: str, *, r: int, seed: int, base: str = "builtin://tiny"
-) -> str:
+def publish_lora(rl: RlStages, name: str, *, r: int, seed: int, base: str = "builtin://tiny") -> str:
     """A LoRA adapter with non-zero random weights on the tiny model, published with a manifest."""
     import tempfile
 
@@ -49,21 +27,17 @@ def publish_lora(
     adapter = peft.get_peft_model(model, config)
     with tempfile.TemporaryDirectory() as folder:
         adapter.save_pretrained(folder)
-        result = storage.publish_atomic(
+        result = rl.storage.publish_atomic(
             Path(folder),
-            f"s3://{bucket}/adapters/{name}/",
+            f"s3://{rl.bucket}/adapters/{name}/",
             1,
             {"baseModel": base, "method": "lora", "stageType": "sft", "trainerVersion": "test"},
         )
     return result.manifest_uri
 
 
-def merge_doc(
-    bucket: str, endpoint: str, name: str, sources: list[tuple[str, float]], **merge: Any
-) -> dict[str, Any]:
-    return contract(
-        bucket,
-        endpoint,
+def merge_doc(rl: RlStages, name: str, sources: list[tuple[str, float]], **merge: Any) -> dict[str, Any]:
+    return rl.doc(
         name,
         "merge",
         mergeSources=[
@@ -80,19 +54,15 @@ def lora_delta(model: Any, module_suffix: str) -> Any:
 
 
 @pytest.fixture
-def sources(storage: Storage, s3_bucket: str) -> list[str]:
-    return [publish_lora(storage, s3_bucket, f"task{i}", r=4, seed=i) for i in range(2)]
+def sources(rl: RlStages) -> list[str]:
+    return [publish_lora(rl, f"task{i}", r=4, seed=i) for i in range(2)]
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "cat"])
 def test_each_merge_method_loads_with_stock_peft(
     method: str,
     sources: list[str],
-    storage: Storage,
-    s3_bucket: str,
-    s3_server: S3Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    rl: RlStages,
 ) -> None:
     import torch
     from peft import PeftModel
@@ -100,16 +70,15 @@ def test_each_merge_method_loads_with_stock_peft(
 
     weights = [0.7, 0.3]
     doc = merge_doc(
-        s3_bucket,
-        s3_server.endpoint_url,
+        rl,
         f"m-{method.replace('_', '-')}",
         list(zip(sources, weights, strict=True)),
         method=method,
         density=0.5,
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_OK, result
-    manifest = published(storage, result)
+    manifest = rl.published(result)
     assert manifest["stageType"] == "merge"
     assert manifest["method"] == "lora"
     assert manifest["lineage"]["merge"]["method"] == method
@@ -117,12 +86,10 @@ def test_each_merge_method_loads_with_stock_peft(
 
     merged = PeftModel.from_pretrained(
         load_model("builtin://tiny", None)[0],
-        str(download(storage, result["manifestUri"], tmp_path / "merged")),
+        str(rl.download(result["manifestUri"], "merged")),
     )
     src = [
-        PeftModel.from_pretrained(
-            load_model("builtin://tiny", None)[0], str(download(storage, uri, tmp_path / f"s{i}"))
-        )
+        PeftModel.from_pretrained(load_model("builtin://tiny", None)[0], str(rl.download(uri, f"s{i}")))
         for i, uri in enumerate(sources)
     ]
     module = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -149,75 +116,51 @@ def test_each_merge_method_loads_with_stock_peft(
 
 def test_dare_ties_is_deterministic_for_a_seed(
     sources: list[str],
-    storage: Storage,
-    s3_bucket: str,
-    s3_server: S3Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    rl: RlStages,
 ) -> None:
     digests = []
     for name in ("dare-a", "dare-b"):
         doc = merge_doc(
-            s3_bucket,
-            s3_server.endpoint_url,
+            rl,
             name,
             [(sources[0], 0.5), (sources[1], 0.5)],
             method="dare_ties",
             density=0.3,
         )
-        code, result = run_contract(doc, tmp_path, monkeypatch)
+        code, result = rl.run(doc)
         assert code == EXIT_OK, result
-        files = published(storage, result)["files"]
+        files = rl.published(result)["files"]
         digests.append(next(f["sha256"] for f in files if f["path"].endswith("adapter_model.safetensors")))
     assert digests[0] == digests[1]
 
 
 def test_merge_rejects_bad_sources_with_a_non_retryable_exit(
     sources: list[str],
-    storage: Storage,
-    s3_bucket: str,
-    s3_server: S3Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    rl: RlStages,
 ) -> None:
-    endpoint = s3_server.endpoint_url
-    other_base = publish_lora(storage, s3_bucket, "other-base", r=4, seed=5, base="s3://models/other-llm/")
-    code, result = run_contract(
-        merge_doc(s3_bucket, endpoint, "m-base", [(sources[0], 0.5), (other_base, 0.5)]),
-        tmp_path,
-        monkeypatch,
-    )
+    other_base = publish_lora(rl, "other-base", r=4, seed=5, base="s3://models/other-llm/")
+    code, result = rl.run(merge_doc(rl, "m-base", [(sources[0], 0.5), (other_base, 0.5)]))
     assert code == EXIT_INVALID_INPUT
     assert "mergeSources[1]" in result["error"]
     assert "s3://models/other-llm/" in result["error"]
 
-    code, result = run_contract(
-        merge_doc(s3_bucket, endpoint, "m-one", [(sources[0], 1.0)]), tmp_path, monkeypatch
-    )
+    code, result = rl.run(merge_doc(rl, "m-one", [(sources[0], 1.0)]))
     assert code == EXIT_INVALID_INPUT
     assert "at least two" in result["error"]
 
-    wider = publish_lora(storage, s3_bucket, "wider", r=8, seed=6)
+    wider = publish_lora(rl, "wider", r=8, seed=6)
     mixed = [(sources[0], 0.5), (wider, 0.5)]
-    code, result = run_contract(
-        merge_doc(s3_bucket, endpoint, "m-ties", mixed, method="ties"), tmp_path, monkeypatch
-    )
+    code, result = rl.run(merge_doc(rl, "m-ties", mixed, method="ties"))
     assert code == EXIT_INVALID_INPUT
     assert "merge.method 'ties'" in result["error"]
     assert "[4, 8]" in result["error"]
-    code, result = run_contract(
-        merge_doc(s3_bucket, endpoint, "m-cat", mixed, method="cat"), tmp_path, monkeypatch
-    )
+    code, result = rl.run(merge_doc(rl, "m-cat", mixed, method="cat"))
     assert code == EXIT_OK
     assert result["metrics"]["merge/rank"] == 12
 
-    tampered = publish_lora(storage, s3_bucket, "tampered", r=4, seed=7)
+    tampered = publish_lora(rl, "tampered", r=4, seed=7)
     folder = tampered.rsplit("/", 1)[0]
-    storage.put_bytes(f"{folder}/attempts/1/adapter_model.safetensors", b"not the published bytes")
-    code, result = run_contract(
-        merge_doc(s3_bucket, endpoint, "m-tampered", [(sources[0], 0.5), (tampered, 0.5)]),
-        tmp_path,
-        monkeypatch,
-    )
+    rl.storage.put_bytes(f"{folder}/attempts/1/adapter_model.safetensors", b"not the published bytes")
+    code, result = rl.run(merge_doc(rl, "m-tampered", [(sources[0], 0.5), (tampered, 0.5)]))
     assert code == EXIT_INVALID_INPUT
     assert "adapter_model.safetensors" in result["error"]

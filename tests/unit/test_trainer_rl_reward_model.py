@@ -4,35 +4,14 @@ training on CPU, data and artifacts in a real moto S3 server, the trainer's real
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from temper.api.contract import EXIT_OK
-from temper.storage import Storage
-from temper_dev.s3server import S3Server
 
-from tests.unit.test_trainer_rl_stages import (
-    contract,
-    download,
-    published,
-    rl_storage,
-    run_contract,
-    single_torch_thread,
-)
+from tests.unit.trainer_helpers import RlStages, rl_fixture  # noqa: F401  (the rl fixture)
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    yield from single_torch_thread()
-
-
-@pytest.fixture
-def storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Storage:
-    return rl_storage(s3_server, monkeypatch)
 
 
 def terse_vs_rambling(split: str) -> list[dict[str, str]]:
@@ -47,41 +26,28 @@ def terse_vs_rambling(split: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-def style_prefs(storage: Storage, s3_bucket: str) -> dict[str, dict[str, str]]:
+def style_prefs(rl: RlStages) -> dict[str, dict[str, str]]:
     specs = {}
     for split in ("train", "eval"):
-        uri = f"s3://{s3_bucket}/data/style-{split}.jsonl"
-        storage.put_bytes(uri, "".join(json.dumps(r) + "\n" for r in terse_vs_rambling(split)).encode())
+        uri = f"s3://{rl.bucket}/data/style-{split}.jsonl"
+        rl.storage.put_bytes(uri, "".join(json.dumps(r) + "\n" for r in terse_vs_rambling(split)).encode())
         specs[split] = {"name": f"style-{split}", "uri": uri, "format": "preference"}
     return specs
 
 
-def train_reward_model(
-    bucket: str,
-    endpoint: str,
-    prefs: dict[str, dict[str, str]],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> tuple[int, dict[str, Any]]:
-    doc = contract(
-        bucket,
-        endpoint,
+def train_reward_model(rl: RlStages, prefs: dict[str, dict[str, str]]) -> tuple[int, dict[str, Any]]:
+    doc = rl.doc(
         "rm",
         "reward-model",
         data={"train": [prefs["train"]], "eval": [prefs["eval"]]},
         peft={"method": "lora", "r": 8, "alpha": 16},
         hyperparameters={"maxSteps": 30, "batchSize": 16, "learningRate": 3e-3},
     )
-    return run_contract(doc, tmp_path, monkeypatch)
+    return rl.run(doc)
 
 
 def test_reward_model_learns_the_preference_and_loads_the_stock_way_then_drives_grpo(
-    storage: Storage,
-    s3_bucket: str,
-    s3_server: S3Server,
-    style_prefs: dict[str, dict[str, str]],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    rl: RlStages, style_prefs: dict[str, dict[str, str]]
 ) -> None:
     import torch
     from peft import PeftModel
@@ -89,16 +55,16 @@ def test_reward_model_learns_the_preference_and_loads_the_stock_way_then_drives_
     from temper_trainer.rewards import reward_model_input_ids
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    code, result = train_reward_model(s3_bucket, s3_server.endpoint_url, style_prefs, tmp_path, monkeypatch)
+    code, result = train_reward_model(rl, style_prefs)
     assert code == EXIT_OK, result
     m = result["metrics"]
     assert m["eval/accuracy"] >= 0.9, m
     assert m["eval/accuracy"] >= m["eval/accuracy_before"] + 0.2, m
-    manifest = published(storage, result)
+    manifest = rl.published(result)
     assert manifest["stageType"] == "reward-model"
 
     # stock loading: base as a 1-logit classifier + PeftModel.from_pretrained, scores as recorded
-    folder = download(storage, result["manifestUri"], tmp_path / "rm-artifact")
+    folder = rl.download(result["manifestUri"], "rm-artifact")
     assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -122,9 +88,7 @@ def test_reward_model_learns_the_preference_and_loads_the_stock_way_then_drives_
     assert wins / len(held_out) == pytest.approx(m["eval/accuracy"])
 
     # "reward model + RL": grpo scored by that published reward model raises its reward
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+    doc = rl.doc(
         "rl-rm",
         "grpo",
         data={
@@ -141,38 +105,34 @@ def test_reward_model_learns_the_preference_and_loads_the_stock_way_then_drives_
             "learningRate": 1e-2,
         },
     )
-    code, rl = run_contract(doc, tmp_path, monkeypatch)
-    assert code == EXIT_OK, rl
-    assert rl["metrics"]["eval/reward"] > rl["metrics"]["eval/reward_before"] + 0.5, rl["metrics"]
-    assert rl["metrics"]["train/reward"] > rl["metrics"]["train/reward_first"]
+    code, grpo = rl.run(doc)
+    assert code == EXIT_OK, grpo
+    assert grpo["metrics"]["eval/reward"] > grpo["metrics"]["eval/reward_before"] + 0.5, grpo["metrics"]
+    assert grpo["metrics"]["train/reward"] > grpo["metrics"]["train/reward_first"]
 
 
-def test_synthetic_preferences_writes_valid_correctly_ordered_pairs(
-    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_synthetic_preferences_writes_valid_correctly_ordered_pairs(rl: RlStages) -> None:
     from temper.api.contract import DatasetSpec
     from temper_trainer.data import load_records
     from temper_trainer.rewards import Candidate, length_reward, regex_reward
 
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+    doc = rl.doc(
         "synth",
         "synthetic-preferences",
         data={"train": [{"name": "sums", "uri": "builtin://arith?n=24", "format": "prompt"}]},
         rewards=[{"type": "regex", "pattern": r"\d+"}, {"type": "length", "targetLength": 2, "weight": 0.5}],
         hyperparameters={"numGenerations": 6, "maxNewTokens": 6, "temperature": 1.0},
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_OK, result
-    manifest = published(storage, result)
+    manifest = rl.published(result)
     paths = [f["path"] for f in manifest["files"]]
     data_path = next(p for p in paths if p.endswith("preferences.jsonl"))
     assert manifest["lineage"]["dataset"]["file"] == "preferences.jsonl"
 
     # the published file is a valid preference dataset for a later dpo / reward-model stage
     uri = result["manifestUri"].rsplit("/", 1)[0] + "/" + data_path
-    records = load_records(DatasetSpec(name="synth", uri=uri, format="preference"), storage)
+    records = load_records(DatasetSpec(name="synth", uri=uri, format="preference"), rl.storage)
     assert len(records) == result["metrics"]["pairs/count"] > 0
     assert result["metrics"]["pairs/count"] + result["metrics"]["pairs/skipped_ties"] == 24
     import re
@@ -187,8 +147,8 @@ def test_synthetic_preferences_writes_valid_correctly_ordered_pairs(
 
     # same seed, same pairs: a rerun (fresh output prefix) reproduces the file byte for byte
     again = dict(doc, stage={"name": "synth-again", "type": "synthetic-preferences"})
-    again["output"] = {"prefix": f"s3://{s3_bucket}/rl/synth-again/"}
-    code, second = run_contract(again, tmp_path, monkeypatch)
+    again["output"] = {"prefix": f"s3://{rl.bucket}/rl/synth-again/"}
+    code, second = rl.run(again)
     assert code == EXIT_OK
     sha = {f["path"]: f["sha256"] for f in manifest["files"]}[data_path]
-    assert {f["path"]: f["sha256"] for f in published(storage, second)["files"]}[data_path] == sha
+    assert {f["path"]: f["sha256"] for f in rl.published(second)["files"]}[data_path] == sha

@@ -1,89 +1,21 @@
-"""dpo and grpo stages: real training of the tiny model on CPU, real moto S3, the real runner.
-
-Also the helpers the other ``test_trainer_rl_*`` modules share (``run_contract``, ``contract``).
-"""
+"""dpo and grpo stages: real training of the tiny model on CPU, real moto S3, the real runner."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK, StageContract, StorageConfig
+from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK, StageContract
 from temper.storage import Storage
-from temper_dev.s3server import S3Server
-from temper_trainer.__main__ import run_stage
 from temper_trainer.stage import Preempted, StageContext
 from temper_trainer.stages import get_stage
 
+from tests.unit.trainer_helpers import RlStages, rl_fixture  # noqa: F401  (the rl fixture)
+
 pytestmark = pytest.mark.unit
-
-
-# -- shared helpers --------------------------------------------------------------------------
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two threads on a shared 2-core box spin-wait."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rl_storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Storage:
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    return Storage(StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}))
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    yield from single_torch_thread()
-
-
-@pytest.fixture
-def storage(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Storage:
-    return rl_storage(s3_server, monkeypatch)
-
-
-def contract(bucket: str, endpoint: str, name: str, stage_type: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "run": {"namespace": "ns", "name": "rl"},
-        "stage": {"name": name, "type": stage_type},
-        "baseModel": "builtin://tiny",
-        "storage": {"endpointUrl": endpoint},
-        "output": {"prefix": f"s3://{bucket}/rl/{name}/"},
-        "checkpoint": {"everySteps": 1000, "everySeconds": 3600},
-        **fields,
-    }
-
-
-def run_contract(
-    doc: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, dict[str, Any]]:
-    """Run one stage through the trainer's real entry point; (exit code, termination message)."""
-    name = doc["stage"]["name"]
-    log = tmp_path / f"{name}.termination"
-    monkeypatch.setenv("TEMPER_TERMINATION_LOG", str(log))
-    code = run_stage(StageContract.model_validate(doc).to_env(), tmp_path / f"work-{name}")
-    return code, json.loads(log.read_text())
-
-
-def published(storage: Storage, result: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of a finished stage, after checking every file it lists."""
-    verified = storage.verify_manifest(result["manifestUri"])
-    assert verified.ok, verified.problems
-    assert verified.manifest is not None
-    return verified.manifest.model_dump(by_alias=True)
-
-
-def download(storage: Storage, manifest_uri: str, dest: Path) -> Path:
-    storage.download_verified(manifest_uri, dest)
-    return dest
 
 
 ARITH_PREFS = {"name": "arith-prefs", "uri": "builtin://arith?n=200", "format": "preference"}
@@ -95,34 +27,30 @@ ARITH_PREFS_HELDOUT = {
 
 
 # -- dpo -------------------------------------------------------------------------------------
-def test_dpo_raises_heldout_preference_accuracy_to_90_percent(
-    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dpo_raises_heldout_preference_accuracy_to_90_percent(rl: RlStages) -> None:
     from peft import PeftModel
     from temper_trainer.data import builtin_records
     from temper_trainer.evaluation import preference_accuracy
     from temper_trainer.models import load_model
 
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+    doc = rl.doc(
         "align",
         "dpo",
         data={"train": [ARITH_PREFS], "eval": [ARITH_PREFS_HELDOUT]},
         peft={"method": "lora", "r": 8, "alpha": 16},
         hyperparameters={"maxSteps": 150, "batchSize": 16, "learningRate": 2e-3, "beta": 0.1},
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_OK, result
     metrics = result["metrics"]
     assert metrics["eval/preference_accuracy_before"] < 0.8  # the base model has no such preference
     assert metrics["eval/preference_accuracy"] >= 0.9
-    manifest = published(storage, result)
+    manifest = rl.published(result)
     assert manifest["stageType"] == "dpo"
     assert manifest["method"] == "lora"
 
     # the artifact loads with stock PEFT and reproduces the recorded held-out accuracy
-    folder = download(storage, result["manifestUri"], tmp_path / "dpo-artifact")
+    folder = rl.download(result["manifestUri"], "dpo-artifact")
     base, tokenizer = load_model("builtin://tiny", None)
     model = PeftModel.from_pretrained(base, str(folder))
     held_out = builtin_records(ARITH_PREFS_HELDOUT["uri"], "preference")
@@ -131,17 +59,13 @@ def test_dpo_raises_heldout_preference_accuracy_to_90_percent(
     )
 
 
-def test_dpo_rejects_data_that_is_not_preference_pairs(
-    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+def test_dpo_rejects_data_that_is_not_preference_pairs(rl: RlStages) -> None:
+    doc = rl.doc(
         "align",
         "dpo",
         data={"train": [{"name": "sums", "uri": "builtin://arith?n=8", "format": "prompt-completion"}]},
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_INVALID_INPUT
     assert "data.train: dataset 'sums' must have format 'preference'" in result["error"]
 
@@ -217,19 +141,19 @@ RESUMABLE: dict[str, tuple[dict[str, Any], str, str]] = {
 
 @pytest.mark.parametrize("stage_type", sorted(RESUMABLE))
 def test_sigterm_checkpoints_and_the_next_attempt_resumes_to_the_same_output(
-    stage_type: str, storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path
+    stage_type: str, rl: RlStages
 ) -> None:
     fields, output_file, before_key = RESUMABLE[stage_type]
     fields = {"peft": {"method": "lora", "r": 4, "alpha": 8}, **fields}
-    interrupted = contract(s3_bucket, s3_server.endpoint_url, f"{stage_type}-resumed", stage_type, **fields)
+    interrupted = rl.doc(f"{stage_type}-resumed", stage_type, **fields)
     with pytest.raises(Preempted):
-        _run_in_process(interrupted, tmp_path / "attempt-1", storage, stop_at=2)
-    assert storage.exists(f"s3://{s3_bucket}/rl/{stage_type}-resumed/checkpoints/step-2/COMPLETE")
+        _run_in_process(interrupted, rl.tmp_path / "attempt-1", rl.storage, stop_at=2)
+    assert rl.storage.exists(f"s3://{rl.bucket}/rl/{stage_type}-resumed/checkpoints/step-2/COMPLETE")
 
     interrupted["stage"]["attempt"] = 2
-    resumed, resumed_steps = _run_in_process(interrupted, tmp_path / "attempt-2", storage)
-    straight = contract(s3_bucket, s3_server.endpoint_url, f"{stage_type}-straight", stage_type, **fields)
-    reference, straight_steps = _run_in_process(straight, tmp_path / "straight", storage)
+    resumed, resumed_steps = _run_in_process(interrupted, rl.tmp_path / "attempt-2", rl.storage)
+    straight = rl.doc(f"{stage_type}-straight", stage_type, **fields)
+    reference, straight_steps = _run_in_process(straight, rl.tmp_path / "straight", rl.storage)
     assert straight_steps[0] == 1
     assert resumed_steps == straight_steps[2:]  # picked up after step 2, did not start over
 
@@ -252,17 +176,13 @@ ARITH_PROMPTS = {"name": "sums", "uri": "builtin://arith?n=80", "format": "promp
 ARITH_PROMPTS_HELDOUT = {"name": "sums-heldout", "uri": "builtin://arith?n=20&split=eval", "format": "prompt"}
 
 
-def test_grpo_with_builtin_rewards_raises_the_mean_reward(
-    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_grpo_with_builtin_rewards_raises_the_mean_reward(rl: RlStages) -> None:
     rewards = [
         {"type": "exact-match", "weight": 1.0},
         {"type": "regex", "pattern": r"\d{1,2}", "weight": 0.5},  # the answer format: digits only
         {"type": "length", "targetLength": 2, "weight": 0.5},
     ]
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+    doc = rl.doc(
         "rl",
         "grpo",
         data={"train": [ARITH_PROMPTS], "eval": [ARITH_PROMPTS_HELDOUT]},
@@ -277,33 +197,29 @@ def test_grpo_with_builtin_rewards_raises_the_mean_reward(
             "beta": 0.04,
         },
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_OK, result
     m = result["metrics"]
     assert m["eval/reward"] >= m["eval/reward_before"] + 0.2, m
     assert m["train/reward"] > m["train/reward_first"], m
     assert m["train/kl"] > 0  # the policy moved away from the reference, and the KL term saw it
-    manifest = published(storage, result)
+    manifest = rl.published(result)
     assert manifest["lineage"]["rewards"][1]["pattern"] == r"\d{1,2}"
     assert manifest["servable"]["vllm"] is True
 
 
-def test_grpo_reward_errors_name_the_field(
-    storage: Storage, s3_bucket: str, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    doc = contract(
-        s3_bucket,
-        s3_server.endpoint_url,
+def test_grpo_reward_errors_name_the_field(rl: RlStages) -> None:
+    doc = rl.doc(
         "rl",
         "grpo",
         data={"train": [ARITH_PROMPTS]},
         rewards=[{"type": "exact-match"}, {"type": "regex", "pattern": "(unclosed"}],
     )
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_INVALID_INPUT
     assert "rewards[1].pattern" in result["error"]
 
     doc["rewards"] = []
-    code, result = run_contract(doc, tmp_path, monkeypatch)
+    code, result = rl.run(doc)
     assert code == EXIT_INVALID_INPUT
     assert "rewards: this stage needs at least one reward" in result["error"]

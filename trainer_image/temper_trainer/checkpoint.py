@@ -70,6 +70,8 @@ class Checkpointer:
         self.storage.put_bytes(uri.join(MARKER), marker)
         self._last_save = time.monotonic()
         self.saved_steps.append(step)
+        # Also the record the chaos campaign reads to measure work redone after a preemption.
+        log.info("checkpoint saved at step %d", step)
         shutil.rmtree(local, ignore_errors=True)
         self._prune()
 
@@ -98,6 +100,7 @@ class Checkpointer:
                 log.warning("skipping checkpoint step %d: %s", step, exc)
                 continue
             state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
+            log.info("resuming from checkpoint step %d", step)
             return Checkpoint(step, local, state)
         return None
 

@@ -70,42 +70,42 @@ Rules the operator needs inside every namespace it reconciles. Shared by the Clu
 Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 */}}
 {{- define "temper.namespacedRules" -}}
-# Runs: watched; kopf keeps its handler state in an annotation (patch); each continual cycle
-# runs as a child PostTrainingRun, pruned to the run's historyLimit (create, delete).
+# Runs: watched; each continual cycle runs as a child PostTrainingRun, pruned to the run's
+# historyLimit (create, delete). The operator writes runs only through the status subresource.
 - apiGroups: ["temper.dev"]
   resources: ["posttrainingruns"]
-  verbs: ["get", "list", "watch", "patch", "create", "delete"]
-# Adapters: each published stage output is created in the catalog; the retention finalizer
-# and kopf's annotation are patched.
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Adapters: each published stage output is created in the catalog; the retention finalizer is
+# patched on.
 - apiGroups: ["temper.dev"]
   resources: ["adapters"]
   verbs: ["get", "list", "watch", "patch", "create"]
+# Status is only ever merge-patched (never read through the subresource or replaced).
 - apiGroups: ["temper.dev"]
   resources: ["posttrainingruns/status", "adapters/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # Jobs and child runs carry an owner reference with blockOwnerDeletion, which clusters with
 # OwnerReferencesPermissionEnforcement only accept from those who may update the owner's finalizers.
 - apiGroups: ["temper.dev"]
   resources: ["posttrainingruns/finalizers"]
   verbs: ["update"]
 # One Job per stage attempt; patch to suspend/resume. Deletion is left to the garbage collector.
+# Jobs, pods and Services are only listed and watched (into caches), never read one by one.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # Trainer pods' termination messages carry each stage's result; disruptions are read from them.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 # Headless Services for multi-node (torchrun) rendezvous.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create"]
+  verbs: ["list", "watch", "create"]
+# Events are posted through core/v1 (the operator's and kopf's), each a new object.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # Storage credentials, read to fetch progress and verify manifests. Never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
@@ -113,5 +113,5 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 # Promotion aliases are published as ConfigMaps that serving systems read.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "update"]
 {{- end }}

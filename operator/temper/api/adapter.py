@@ -183,7 +183,8 @@ class AdapterStatus(ApiModel):
     lineage: Lineage | None = doc("Provenance.", default=None)
     servable: Servable | None = doc("Serving compatibility.", default=None)
     aliases: list[str] = doc(
-        "Aliases pointing here (mirrors the producing run's status.aliases).",
+        "Names of the aliases currently pointing here, e.g. [production, canary]: a read-only "
+        "mirror of the promoting run's status.aliases, updated on promotion and rollback.",
         default_factory=list,
         max_length=16,
     )

@@ -291,6 +291,7 @@ def crds() -> dict[str, dict[str, Any]]:
             {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
             {"name": "Task", "type": "string", "jsonPath": ".spec.task"},
             {"name": "Lifecycle", "type": "string", "jsonPath": ".spec.lifecycle"},
+            {"name": "Aliases", "type": "string", "jsonPath": ".status.aliases"},
             _condition_column("Ready", "Ready"),
             _AGE,
         ],

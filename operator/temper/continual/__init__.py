@@ -1,5 +1,6 @@
 """Continual learning and the adapter catalog's lifecycle: pure planning, no Kubernetes calls.
 
-Each module is a pure function of its inputs (spec, status, observed objects, a clock) so the
-kopf handlers in ``temper.handlers.continual`` / ``temper.handlers.adapter_lifecycle`` stay thin.
+Each module is a pure function of its inputs (spec, status, observed objects, a clock); the I/O
+is in ``temper.handlers.continual_apply`` (and ``temper.handlers.adapter_lifecycle``), so the kopf
+handlers in ``temper.handlers.continual`` stay a few lines each.
 """

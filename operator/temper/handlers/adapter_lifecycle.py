@@ -19,6 +19,7 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from temper import adapters as adapter_ctl
 from temper.api.run import PostTrainingRun
 from temper.builders.job import build_job
 from temper.config import OperatorConfig
@@ -42,7 +43,7 @@ from temper.handlers.continual import (
 from temper.kube import status_changed
 from temper.storage import StorageError
 
-MERGED = "Merged"
+MERGED = adapter_ctl.MERGED
 
 
 def _patch(namespace: str, name: str, body: dict[str, Any]) -> None:
@@ -64,6 +65,28 @@ def _patch_status(adapter: dict[str, Any], desired: dict[str, Any]) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
+
+
+def _mark_pending(adapter: dict[str, Any]) -> dict[str, Any]:
+    """Give a never-verified Adapter its kstatus conditions (Reconciling=True) at once.
+
+    The patch carries the observed resourceVersion, so it can never overwrite a verification
+    result written in between (the apiserver answers 409 and the result stands).
+    """
+    meta = adapter.get("metadata") or {}
+    body = {
+        "metadata": {"resourceVersion": meta.get("resourceVersion")},
+        "status": adapter_ctl.pending_status(adapter, _now()),
+    }
+    try:
+        written: dict[str, Any] = custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, meta.get("namespace"), ADAPTERS, meta.get("name"), body
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+        return adapter
+    return written
 
 
 def _condition(adapter: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
@@ -100,6 +123,8 @@ def adapter_lifecycle(event: kopf.RawEvent, **_: Any) -> None:
             desired["conditions"] = _delete_artifact(adapter, namespace)
         _patch_status(adapter, desired)
         return
+    if not (adapter.get("status") or {}).get("conditions"):
+        adapter = _mark_pending(adapter)
     if (adapter.get("spec") or {}).get("merge"):
         _reconcile_merge(adapter, namespace)
 

@@ -353,7 +353,10 @@ class Runtime:
         credentials = await self.kube.storage_credentials(namespace, secret) if secret else None
         config = adapter_ctl.storage_config(spec, self.config.default_storage_endpoint)
         storage = await asyncio.to_thread(lambda: Storage(config, make_client(config, credentials)))
-        self.storages[cache_key] = (time.monotonic(), storage)
+        # A named Secret that is missing (or lacks keys) must be looked up again on the next call:
+        # once someone creates it, verification must not keep using a credential-less client.
+        if credentials is not None or not secret:
+            self.storages[cache_key] = (time.monotonic(), storage)
         return storage
 
     async def poll_progress(self, key: Key) -> None:

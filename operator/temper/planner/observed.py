@@ -21,6 +21,15 @@ from temper.builders.names import (
 
 JobOutcome = Literal["Complete", "Failed"]
 MESSAGE_LIMIT = 512
+# Container waiting reasons the kubelet never gets past by itself: the pod would wait forever while
+# the Job stays active, so the run must say Stalled instead of Running.
+STUCK_WAITING_REASONS = (
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -55,6 +64,8 @@ class ObservedJob:
     disruptions: int = 0  # pods preempted/evicted: replaced by the Job, never counted as failures
     exit_code: int | None = None
     deleting: bool = False
+    waiting_reason: str = ""  # one of STUCK_WAITING_REASONS, from the trainer container
+    waiting_message: str = ""
 
     @classmethod
     def from_k8s(cls, job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> ObservedJob:
@@ -73,6 +84,7 @@ class ObservedJob:
                 message = cond.get("message", "") or ""
                 finished = finished or parse_time(cond.get("lastTransitionTime"))
         result, disruptions, exit_code = _from_pods(pods or [])
+        waiting_reason, waiting_message = _stuck_waiting(pods or [])
         return cls(
             name=meta.get("name", ""),
             stage=labels.get(LABEL_STAGE, ""),
@@ -91,6 +103,8 @@ class ObservedJob:
             disruptions=disruptions,
             exit_code=exit_code,
             deleting=bool(meta.get("deletionTimestamp")),
+            waiting_reason=waiting_reason,
+            waiting_message=waiting_message[:MESSAGE_LIMIT],
         )
 
 
@@ -130,6 +144,20 @@ def _from_pods(pods: list[dict[str, Any]]) -> tuple[StageResult | None, int, int
                 with contextlib.suppress(ValueError):
                     result = StageResult.model_validate(json.loads(raw))
     return result, disruptions, exit_code
+
+
+def _stuck_waiting(pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) of the first trainer container stuck waiting, or ("", "")."""
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") != TRAINER_CONTAINER:
+                continue
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING_REASONS:
+                return str(waiting["reason"]), str(waiting.get("message") or "")
+    return "", ""
 
 
 AdapterReadiness = Literal["True", "False", "Unknown"]

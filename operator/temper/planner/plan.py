@@ -29,6 +29,11 @@ from temper.planner.observed import Observed, ObservedJob, format_time
 
 EventType = Literal["Normal", "Warning"]
 OWNED_CONDITIONS = (*common.CONDITION_TYPES, "SpecChangePending")
+UNREACHABLE_MARKERS = (
+    "Could not connect to the endpoint URL",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+)
 NON_RETRYABLE_REASONS = ("PodFailurePolicy",)  # FailJob from the trainer's non-retryable exit codes
 
 
@@ -83,6 +88,7 @@ class _StageView:
     metrics: dict[str, float] = field(default_factory=dict)
     message: str | None = None
     output: AdapterRef | None = None
+    cause: str | None = None  # why the stage failed, as a condition reason, when it is plain
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.stage.name, "state": self.state, "attempts": self.attempts}
@@ -127,6 +133,79 @@ def _condition(  # noqa: PLR0917 - one tuple per condition reads best at the cal
         "observedGeneration": generation,
         "lastTransitionTime": format_time(now) if changed else old.get("lastTransitionTime") if old else None,
     }
+
+
+RunOutcome = Literal["progressing", "succeeded", "failed", "stalled", "suspended"]
+
+
+def _run_conditions(
+    outcome: RunOutcome, reason: str, msg: str, stalled_reason: str | None = None
+) -> list[tuple[str, str, str, str]]:
+    """The six kstatus/temper conditions (type, status, reason, message) of a run in one outcome.
+
+    Ready, Succeeded and Reconciling always carry the message; the others only while True.
+    ``stalled_reason`` names the root cause on Stalled where it is more precise than ``reason``.
+    """
+    done = outcome == "succeeded"
+    failed = outcome == "failed"
+    return [
+        (common.READY, "True" if done else "False", reason, msg),
+        (
+            common.SUCCEEDED,
+            "True" if done else "False" if failed else "Unknown",
+            "AllStagesSucceeded" if done else reason,
+            msg,
+        ),
+        (
+            common.FAILED,
+            "True" if failed else "False",
+            "AllStagesSucceeded" if done else reason,
+            msg if failed or reason == "InvalidSpec" else "",
+        ),
+        (
+            common.SUSPENDED,
+            *(("True", reason, msg) if outcome == "suspended" else ("False", "NotSuspended", "")),
+        ),
+        (common.RECONCILING, "True" if outcome == "progressing" else "False", reason, msg),
+        (
+            common.STALLED,
+            "True" if failed or outcome == "stalled" else "False",
+            stalled_reason or reason,
+            msg if failed or outcome == "stalled" else "",
+        ),
+    ]
+
+
+def _blocked_reason(job: ObservedJob) -> str:
+    """The run's Stalled reason for a trainer pod stuck waiting: the root cause where it is plain."""
+    text = job.waiting_message.lower()
+    if job.waiting_reason == "CreateContainerConfigError" and "secret" in text and "not found" in text:
+        return "SecretNotFound"
+    return job.waiting_reason
+
+
+def _pod_detail(job: ObservedJob) -> str:
+    """Why the attempt's pod could not start ("" when it did), for messages."""
+    if not job.waiting_reason:
+        return ""
+    return f"pod {job.waiting_reason}" + (f": {job.waiting_message}" if job.waiting_message else "")
+
+
+def _failure_cause(job: ObservedJob) -> str | None:
+    """A failed attempt's root cause as a condition reason, from what its pod reported."""
+    if job.waiting_reason:
+        return _blocked_reason(job)
+    error = job.result.error if job.result is not None else None
+    if not error:
+        return None
+    if error.startswith("InvalidInput: baseModel"):
+        return "BaseModelNotFound"
+    # botocore's connection errors, wrapped in the trainer's StorageError or not, after its retries
+    if any(marker in error for marker in UNREACHABLE_MARKERS):
+        return "StorageUnreachable"
+    if error.startswith("storage:"):
+        return "StorageError"
+    return None
 
 
 def backoff_seconds(base: int, attempt: int, cap: int) -> float:
@@ -174,19 +253,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         message = f"invalid spec: {_validation_message(exc)}"
         if prev_conditions.get(common.STALLED, {}).get("message") != message:
             out.events.append(Event("Warning", "InvalidSpec", message))
-        return finish(
-            "Pending",
-            [
-                (common.READY, "False", "InvalidSpec", message),
-                (common.SUCCEEDED, "Unknown", "InvalidSpec", message),
-                (common.FAILED, "False", "InvalidSpec", message),
-                (common.SUSPENDED, "False", "NotSuspended", ""),
-                (common.RECONCILING, "False", "InvalidSpec", message),
-                (common.STALLED, "True", "InvalidSpec", message),
-            ],
-            None,
-            None,
-        )
+        return finish("Pending", _run_conditions("stalled", "InvalidSpec", message), None, None)
 
     spec = run.spec
     cycle = observed.cycle
@@ -203,6 +270,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
     blocked_by: str | None = None  # first stage not Succeeded: later stages wait
     failed: _StageView | None = None
     stalled: str | None = None
+    blocked: tuple[str, str] | None = None  # (reason, message) of a trainer pod that cannot start
     drift: list[str] = []
     running_view: _StageView | None = None
     requeue: list[float] = []
@@ -242,6 +310,11 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                         if suspend
                         else ("waiting for Kueue admission" if spec.queue_name else "resuming")
                     )
+                elif latest.waiting_reason:
+                    # The Job stays active but its pod cannot start until someone fixes the cluster.
+                    view.state = "Pending"
+                    view.message = f"attempt {latest.attempt} blocked: {_pod_detail(latest)}"
+                    blocked = blocked or (_blocked_reason(latest), f"stage {stage.name}: {view.message}")
                 else:
                     view.state = "Running"
                     view.message = f"attempt {latest.attempt} running"
@@ -311,10 +384,11 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                         view.completion = latest.finished
             else:  # Failed
                 reason = latest.reason or "Failed"
+                pod_detail = _pod_detail(latest)
                 detail = (
                     latest.result.error
                     if latest.result is not None and latest.result.error
-                    else latest.message
+                    else pod_detail or latest.message
                 )
                 why = f"attempt {latest.attempt} failed: {reason}" + (f" ({detail})" if detail else "")
                 if reason in NON_RETRYABLE_REASONS:
@@ -335,7 +409,14 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                         view.state = "Running"
                         view.message = f"{why}; retry {latest.attempt} of {retries} in {wait:.0f}s"
                         requeue.append(wait)
+                        if pod_detail:  # the pod never started: retrying alone will not fix that
+                            view.state = "Pending"
+                            blocked = blocked or (
+                                _blocked_reason(latest),
+                                f"stage {stage.name}: {view.message}",
+                            )
                 last_failure = reason
+                view.cause = _failure_cause(latest)
                 if view.state == "Failed" and prev.get("state") != "Failed":
                     out.transitions.append(_transition(stage, "Failed", jobs, latest, reason))
             if view.state == "Succeeded" and prev.get("state") != "Succeeded":
@@ -423,15 +504,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         msg = f"stage {failed.stage.name} failed: {failed.message}"
         return finish(
             "Failed",
-            [
-                (common.READY, "False", "StageFailed", msg),
-                (common.SUCCEEDED, "False", "StageFailed", msg),
-                (common.FAILED, "True", "StageFailed", msg),
-                (common.SUSPENDED, "False", "NotSuspended", ""),
-                (common.RECONCILING, "False", "StageFailed", msg),
-                (common.STALLED, "True", "StageFailed", msg),
-                *conds,
-            ],
+            [*_run_conditions("failed", "StageFailed", msg, failed.cause), *conds],
             stages_status,
             progress,
         )
@@ -439,15 +512,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         msg = f"all {total} stages succeeded"
         return finish(
             "Succeeded",
-            [
-                (common.READY, "True", "Succeeded", msg),
-                (common.SUCCEEDED, "True", "AllStagesSucceeded", msg),
-                (common.FAILED, "False", "AllStagesSucceeded", ""),
-                (common.SUSPENDED, "False", "NotSuspended", ""),
-                (common.RECONCILING, "False", "Succeeded", msg),
-                (common.STALLED, "False", "Succeeded", ""),
-                *conds,
-            ],
+            [*_run_conditions("succeeded", "Succeeded", msg), *conds],
             stages_status,
             {"percent": 100.0, "step": 0, "totalSteps": 0},
         )
@@ -455,33 +520,18 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
     if stalled is not None:
         return finish(
             "Pending",
-            [
-                (common.READY, "False", "UnresolvedReference", stalled),
-                (common.SUCCEEDED, "Unknown", "UnresolvedReference", stalled),
-                (common.FAILED, "False", "UnresolvedReference", ""),
-                (common.SUSPENDED, "False", "NotSuspended", ""),
-                (common.RECONCILING, "False", "UnresolvedReference", stalled),
-                (common.STALLED, "True", "UnresolvedReference", stalled),
-                *conds,
-            ],
+            [*_run_conditions("stalled", "UnresolvedReference", stalled), *conds],
             stages_status,
             progress,
         )
+    if blocked is not None and not suspend:
+        if prev_conditions.get(common.STALLED, {}).get("message") != blocked[1]:
+            out.events.append(Event("Warning", blocked[0], blocked[1]))
+        return finish("Pending", [*_run_conditions("stalled", *blocked), *conds], stages_status, progress)
     if suspend:
         msg = f"suspended at stage {current.stage.name}"
         return finish(
-            "Suspended",
-            [
-                (common.READY, "False", "Suspended", msg),
-                (common.SUCCEEDED, "Unknown", "Suspended", msg),
-                (common.FAILED, "False", "Suspended", ""),
-                (common.SUSPENDED, "True", "Suspended", msg),
-                (common.RECONCILING, "False", "Suspended", msg),
-                (common.STALLED, "False", "Suspended", ""),
-                *conds,
-            ],
-            stages_status,
-            progress,
+            "Suspended", [*_run_conditions("suspended", "Suspended", msg), *conds], stages_status, progress
         )
     pct = f" {progress['percent']:.0f}%" if progress and current.state == "Running" else ""
     msg = f"stage {current.stage.name} {current.state.lower()}{pct}: {current.message or ''}".rstrip(": ")
@@ -489,20 +539,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         "Running" if (any(v.attempts for v in views) and current.state != "Pending") or done else "Pending"
     )
     reason = "StageRunning" if current.state == "Running" else "StagePending"
-    return finish(
-        phase,
-        [
-            (common.READY, "False", reason, msg),
-            (common.SUCCEEDED, "Unknown", reason, msg),
-            (common.FAILED, "False", reason, ""),
-            (common.SUSPENDED, "False", "NotSuspended", ""),
-            (common.RECONCILING, "True", reason, msg),
-            (common.STALLED, "False", reason, ""),
-            *conds,
-        ],
-        stages_status,
-        progress,
-    )
+    return finish(phase, [*_run_conditions("progressing", reason, msg), *conds], stages_status, progress)
 
 
 def _transition(

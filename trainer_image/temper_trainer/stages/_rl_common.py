@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from temper.api.contract import Hyperparameters
 
 from temper_trainer.data import Record, prompt_and_target, record_format
-from temper_trainer.stage import InvalidInput, Preempted, StageContext
+from temper_trainer.stage import InvalidInput, Preempted, StageContext, StageOutcome
 
 if TYPE_CHECKING:
     import torch
@@ -285,6 +285,23 @@ def checkpoint_or_stop(ctx: StageContext, step: int, make_state: Callable[[], di
         ctx.checkpointer.save(step, make_state())
 
 
+def training_state(model: Any, optimizer: Any, **extra: Any) -> dict[str, Any]:
+    """A checkpoint of an RL stage: trainable weights, optimizer and RNG, plus the stage's own values."""
+    return {
+        "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        **extra,
+    }
+
+
+def restore_training(model: Any, optimizer: Any, saved: dict[str, Any]) -> None:
+    """Undo :func:`training_state` (the stage reads its own values from ``saved``)."""
+    load_trainable_state(model, saved["trainable"])
+    optimizer.load_state_dict(saved["optimizer"])
+    restore_rng(saved["rng"])
+
+
 def rng_state() -> dict[str, Any]:
     import torch
 
@@ -304,6 +321,28 @@ def policy_method(ctx: StageContext) -> str:
     if ctx.contract.parent is None:
         return ctx.contract.peft.method
     return adapter_method(ctx.fetch_adapter(ctx.contract.parent))
+
+
+def publish_policy(
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    method: str,
+    *,
+    metrics: dict[str, float],
+    lineage: dict[str, Any],
+) -> StageOutcome:
+    """Save the trained policy adapter and describe it (dpo, grpo)."""
+    from temper_trainer.peft_setup import servable_flags
+
+    ctx.save_model(model, tokenizer)
+    return StageOutcome(
+        artifact_dir=ctx.artifact_dir,
+        metrics=metrics,
+        method=method,
+        servable=servable_flags(method),
+        lineage=lineage,
+    )
 
 
 def load_policy(ctx: StageContext, total: int) -> tuple[Any, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 from temper_trainer.data import Record
-from temper_trainer.peft_setup import servable_flags
 from temper_trainer.stage import StageContext, StageOutcome
 from temper_trainer.stages import register_stage
 from temper_trainer.stages._rl_common import (
@@ -32,18 +31,17 @@ from temper_trainer.stages._rl_common import (
     batched_sequence_logprobs,
     checkpoint_or_stop,
     load_policy,
-    load_trainable_state,
     make_optimizer,
     policy_method,
     prompt_token_ids,
+    publish_policy,
     require_records,
     response_logprobs,
     response_token_ids,
-    restore_rng,
-    rng_state,
+    restore_training,
     set_learning_rate,
     total_steps,
-    trainable_state,
+    training_state,
 )
 
 EVAL_BATCH = 32
@@ -61,28 +59,27 @@ class _Pairs:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def logprobs(self, ctx: StageContext, model: Any, pad_id: int, max_length: int) -> tuple[Any, Any]:
+        """No-grad summed log-probs of the chosen and of the rejected responses."""
+
+        def summed(responses: list[list[int]]) -> Any:
+            return batched_sequence_logprobs(
+                model,
+                self.prompts,
+                responses,
+                pad_id=pad_id,
+                device=ctx.device,
+                batch_size=EVAL_BATCH,
+                max_length=max_length,
+            )
+
+        return summed(self.chosen), summed(self.rejected)
+
 
 def preference_accuracy(ctx: StageContext, model: Any, pairs: _Pairs, pad_id: int, max_length: int) -> float:
     was_training = model.training
     model.eval()
-    chosen = batched_sequence_logprobs(
-        model,
-        pairs.prompts,
-        pairs.chosen,
-        pad_id=pad_id,
-        device=ctx.device,
-        batch_size=EVAL_BATCH,
-        max_length=max_length,
-    )
-    rejected = batched_sequence_logprobs(
-        model,
-        pairs.prompts,
-        pairs.rejected,
-        pad_id=pad_id,
-        device=ctx.device,
-        batch_size=EVAL_BATCH,
-        max_length=max_length,
-    )
+    chosen, rejected = pairs.logprobs(ctx, model, pad_id, max_length)
     if was_training:
         model.train()
     return float((chosen > rejected).float().mean())
@@ -110,46 +107,26 @@ def run(ctx: StageContext) -> StageOutcome:
     resumed = ctx.checkpointer.latest()
     if resumed is not None:
         saved = resumed.state
-        load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng(saved["rng"])
+        restore_training(model, optimizer, saved)
         ref_chosen, ref_rejected = saved["ref_chosen"], saved["ref_rejected"]
         accuracy_before = float(saved["accuracy_before"])
         start = resumed.step
     else:
         ctx.set_phase("evaluating")
         model.eval()
-        ref_chosen = batched_sequence_logprobs(
-            model,
-            train.prompts,
-            train.chosen,
-            pad_id=pad_id,
-            device=ctx.device,
-            batch_size=EVAL_BATCH,
-            max_length=hp.max_length,
-        )
-        ref_rejected = batched_sequence_logprobs(
-            model,
-            train.prompts,
-            train.rejected,
-            pad_id=pad_id,
-            device=ctx.device,
-            batch_size=EVAL_BATCH,
-            max_length=hp.max_length,
-        )
+        ref_chosen, ref_rejected = train.logprobs(ctx, model, pad_id, hp.max_length)
         accuracy_before = preference_accuracy(ctx, model, held_out, pad_id, hp.max_length)
         model.train()
         start = 0
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "trainable": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            "ref_chosen": ref_chosen,
-            "ref_rejected": ref_rejected,
-            "accuracy_before": accuracy_before,
-        }
+        return training_state(
+            model,
+            optimizer,
+            ref_chosen=ref_chosen,
+            ref_rejected=ref_rejected,
+            accuracy_before=accuracy_before,
+        )
 
     configured = hp.rpo_alpha
     rpo_alpha = DEFAULT_RPO_ALPHA if configured is None else float(configured)
@@ -212,11 +189,11 @@ def run(ctx: StageContext) -> StageOutcome:
     )
     # the eval stage's own number wins when data.eval has one, so both stages report the same value
     metrics.setdefault(f"{split}/preference_accuracy", accuracy_after)
-    ctx.save_model(model, tokenizer)
-    return StageOutcome(
-        artifact_dir=ctx.artifact_dir,
+    return publish_policy(
+        ctx,
+        model,
+        tokenizer,
+        method,
         metrics=metrics,
-        method=method,
-        servable=servable_flags(method),
         lineage={"pairs": len(train), "evalPairs": len(held_out), "beta": hp.beta, "rpoAlpha": rpo_alpha},
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 from temper_trainer.data import Record, prompt_and_target
-from temper_trainer.peft_setup import servable_flags
 from temper_trainer.rewards import Candidate, RewardSet, build_rewards
 from temper_trainer.stage import InvalidInput, StageContext, StageOutcome
 from temper_trainer.stages import register_stage
@@ -34,18 +33,18 @@ from temper_trainer.stages._rl_common import (
     decode_response,
     generate,
     load_policy,
-    load_trainable_state,
     make_optimizer,
     policy_method,
     prompt_token_ids,
+    publish_policy,
     reference_answer,
     reference_weights,
     response_logprobs,
-    restore_rng,
-    rng_state,
+    restore_training,
     set_learning_rate,
     total_steps,
     trainable_state,
+    training_state,
 )
 
 EVAL_PROMPTS = 64
@@ -122,9 +121,7 @@ def run(ctx: StageContext) -> StageOutcome:
     resumed = ctx.checkpointer.latest()
     if resumed is not None:
         saved = resumed.state
-        load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng(saved["rng"])
+        restore_training(model, optimizer, saved)
         reference = saved["reference"]
         before = {k: float(v) for k, v in saved["before"].items()}
         history = [float(x) for x in saved["history"]]
@@ -136,14 +133,7 @@ def run(ctx: StageContext) -> StageOutcome:
         history, start = [], 0
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "trainable": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            "reference": reference,
-            "before": before,
-            "history": history,
-        }
+        return training_state(model, optimizer, reference=reference, before=before, history=history)
 
     ctx.set_phase("training")
     model.train()
@@ -232,12 +222,12 @@ def run(ctx: StageContext) -> StageOutcome:
             "train/steps": float(steps),
         }
     )
-    ctx.save_model(model, tokenizer)
-    return StageOutcome(
-        artifact_dir=ctx.artifact_dir,
+    return publish_policy(
+        ctx,
+        model,
+        tokenizer,
+        method,
         metrics=metrics,
-        method=method,
-        servable=servable_flags(method),
         lineage={
             "rewards": [s.model_dump(by_alias=True, exclude_none=True) for s in contract.rewards],
             "numGenerations": group,

@@ -27,14 +27,12 @@ from temper_trainer.stages import register_stage
 from temper_trainer.stages._rl_common import (
     batch_indices,
     checkpoint_or_stop,
-    load_trainable_state,
     make_optimizer,
     require_records,
-    restore_rng,
-    rng_state,
+    restore_training,
     set_learning_rate,
     total_steps,
-    trainable_state,
+    training_state,
 )
 
 EVAL_BATCH = 64
@@ -142,9 +140,7 @@ def run(ctx: StageContext) -> StageOutcome:
     resumed = ctx.checkpointer.latest()
     if resumed is not None:
         saved = resumed.state
-        load_trainable_state(model, saved["trainable"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_rng(saved["rng"])
+        restore_training(model, optimizer, saved)
         accuracy_before = float(saved["accuracy_before"])
         start = resumed.step
     else:
@@ -153,12 +149,7 @@ def run(ctx: StageContext) -> StageOutcome:
         start = 0
 
     def snapshot() -> dict[str, Any]:
-        return {
-            "trainable": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
-            "accuracy_before": accuracy_before,
-        }
+        return training_state(model, optimizer, accuracy_before=accuracy_before)
 
     ctx.set_phase("training")
     model.train()
