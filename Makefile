@@ -37,8 +37,9 @@ test: setup
 	$(PY) -m pytest -q
 
 # The main job: hermetic cluster + loopback S3 + operator + the quickstart pipeline.
+# DEMO_ARGS=--keep leaves everything running; DEMO_ARGS=--down stops it.
 demo: setup
-	$(PY) -m temper_dev.demo
+	$(PY) -m temper_dev.demo $(DEMO_ARGS)
 
 clean-cluster: venv
 	$(PY) -m temper_dev.cluster down
