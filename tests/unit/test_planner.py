@@ -310,6 +310,16 @@ def test_adapter_failing_verification_fails_the_stage() -> None:
     assert "failed verification" in p.status["stages"][0]["message"]
 
 
+def test_adapter_storage_read_error_keeps_the_stage_verifying() -> None:
+    """An S3 blip during verification is retried by the Adapter controller, not a verdict."""
+    done = job("sft", outcome="Complete", result={"manifestUri": "s3://bucket/runs/r1/g1/sft/manifest.json"})
+    unreachable = ready_adapter("sft", ready="False", reason="ReadError")
+    p = plan(sample_run(), Observed(jobs=[done], adapters={unreachable.name: unreachable}), NOW, CONFIG)
+    assert p.phase == "Running"
+    assert p.status["stages"][0]["state"] == "Running"
+    assert p.status["stages"][0]["message"].startswith("verifying Adapter")
+
+
 def test_adapter_name_owned_by_another_run_is_not_adopted() -> None:
     done = job("sft", outcome="Complete", result={"manifestUri": "s3://bucket/runs/r1/g1/sft/manifest.json"})
     other = ObservedAdapter(

@@ -29,6 +29,9 @@ from temper.planner.observed import Observed, ObservedJob, format_time
 
 EventType = Literal["Normal", "Warning"]
 OWNED_CONDITIONS = (*common.CONDITION_TYPES, "SpecChangePending")
+# Adapter Ready=False reasons that are not a verdict on the artifact: verification has not run
+# yet, or storage could not be read (the Adapter controller retries those), so the stage waits.
+NOT_A_VERDICT = frozenset({"", "Verifying", "Pending", "ReadError"})
 UNREACHABLE_MARKERS = (
     "Could not connect to the endpoint URL",
     "EndpointConnectionError",
@@ -372,7 +375,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                         view.completion = latest.finished
                         view.output = adapter.ref()
                         outputs[stage.name] = view.output
-                    elif adapter.ready == "False" and adapter.reason not in ("", "Verifying", "Pending"):
+                    elif adapter.ready == "False" and adapter.reason not in NOT_A_VERDICT:
                         view.state = "Failed"
                         view.message = (
                             f"Adapter {aname} failed verification: {adapter.reason}: {adapter.message}"
