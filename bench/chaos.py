@@ -47,7 +47,7 @@ from temper_dev.cluster import Cluster  # noqa: E402
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server  # noqa: E402
 
 from tests.cluster.test_operator_pipeline import Api, pipeline, publish  # noqa: E402
-from tests.fixtures.operator import CRD_NAMES, OperatorProcess  # noqa: E402
+from tests.fixtures.operator import OperatorProcess, install_crds  # noqa: E402
 
 EXEC = {"nodeSelector": {"kubernetes.io/hostname": "exec-node"}}
 EXEC_EVERY = 5
@@ -109,29 +109,11 @@ class Campaign:
                     },
                 },
             )
-        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-        self.wait_crds_established()
+        install_crds(self.cluster)
         env = {"TEMPER_DEFAULT_STORAGE_ENDPOINT": self.s3.endpoint_url}
         operator = OperatorProcess(self.cluster, self.namespace, "chaos-op", self.work, env)
         operator.start().wait_role("leader", timeout=60)
         return operator
-
-    def wait_crds_established(self, timeout: float = 60) -> None:
-        # Polled rather than `kubectl wait`, which fails at once on a just-created CRD that has
-        # no conditions yet.
-        from kubernetes import client
-
-        deadline = time.monotonic() + timeout
-        with self.cluster.api_client() as api:
-            ext = client.ApiextensionsV1Api(api)
-            for name in CRD_NAMES:
-                while not any(
-                    c.type == "Established" and c.status == "True"
-                    for c in (ext.read_custom_resource_definition(name).status.conditions or [])
-                ):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"CRD {name} never became Established")
-                    time.sleep(0.1)
 
     def run_names(self) -> list[str]:
         n_exec = 1 if self.small else max(1, self.runs // EXEC_EVERY)
