@@ -8,6 +8,7 @@ K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
+KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
 CACHE_ROOT=${TEMPER_CACHE:-$HOME/.cache/temper}
 BIN=${TEMPER_BIN:-$CACHE_ROOT/k8s-$K8S_VERSION/bin}
 SRC=$CACHE_ROOT/src
@@ -101,5 +102,7 @@ build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 # Stamp helm's default .Capabilities.KubeVersion (else v1.20, below the chart's kubeVersion).
 HELM_K8S_MINOR=${K8S_VERSION#v1.} && HELM_K8S_MINOR=${HELM_K8S_MINOR%%.*}
 have helm || { log "go install helm $HELM_VERSION (KubeVersion v1.$HELM_K8S_MINOR)"; GOBIN=$BIN go install -trimpath -ldflags "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"; }
+# The outside linter for the chart and the Jobs temper builds (tests/unit/test_kube_score.py).
+build_go_install kube-score github.com/zegl/kube-score/cmd/kube-score "$KUBE_SCORE_VERSION"
 log "tools ready in $BIN"
 echo "$BIN"

@@ -100,6 +100,8 @@ def test_defaults_render_the_expected_objects() -> None:
         + ["ClusterRole"] * 4  # operator, cluster-scoped reads, aggregated edit + view
         + ["ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding"]  # leader-election Lease
+        + ["NetworkPolicy"]  # the operator pod's
+        + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 2  # runs, adapters
     )
     for obj in render():
         labels = obj["metadata"]["labels"]
@@ -143,8 +145,9 @@ def test_probes_ports_and_resources() -> None:
     assert ports == {"health": 8081, "metrics": 9090}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
-    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
-    assert container["resources"]["limits"]["memory"] == "512Mi"
+    requests = {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "64Mi"}
+    assert container["resources"]["requests"] == requests
+    assert container["resources"]["limits"] == {"memory": "512Mi", "ephemeral-storage": "256Mi"}
     service = one(render(), "Service")
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}

@@ -33,6 +33,8 @@ FREE_FORM = {
     "metrics.podMonitor.labels",
     "metrics.prometheusRule.labels",
     "metrics.dashboard.labels",
+    "networkPolicy.egress.dns.namespaceLabels",
+    "networkPolicy.egress.dns.podLabels",
     "metrics.dashboard.annotations",
 }
 KUBERNETES_OBJECTS = {
@@ -41,6 +43,8 @@ KUBERNETES_OBJECTS = {
     "affinity.podAntiAffinity",
     "operator.extraEnv[].valueFrom",
     "topologySpreadConstraints[].labelSelector",
+    "networkPolicy.metricsFrom[]",
+    "networkPolicy.extraEgress[]",
 }
 
 

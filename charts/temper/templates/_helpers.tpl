@@ -115,3 +115,19 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "update"]
 {{- end }}
+
+{{/* Storage endpoints a run or Adapter may name, as a CEL list: policy.allowedStorageEndpoints plus storage.endpoint. */}}
+{{- define "temper.allowedEndpoints" -}}
+{{- $endpoints := list }}
+{{- range .Values.policy.allowedStorageEndpoints }}{{ $endpoints = append $endpoints (trimSuffix "/" .) }}{{ end }}
+{{- with .Values.storage.endpoint }}{{ $endpoints = append $endpoints (trimSuffix "/" .) }}{{ end }}
+{{- toJson $endpoints }}
+{{- end }}
+
+{{/* The platform policy as the operator reads it (TEMPER_POLICY, operator/temper/policy.py). */}}
+{{- define "temper.policyJson" -}}
+{{- $p := omit .Values.policy "admission" }}
+{{- $_ := set $p "defaultTrainerImage" (include "temper.imageRef" (list .Values.trainer.image .)) }}
+{{- $_ := set $p "defaultStorageEndpoint" .Values.storage.endpoint }}
+{{- toJson $p }}
+{{- end }}
