@@ -170,9 +170,11 @@ def test_operator_as_chart_service_account_runs_pipeline_without_forbidden(
         return allowed(api.api_client, release, "batch", "jobs", "create", where)
 
     # No in-cluster replica (its image cannot run here): the out-of-cluster operator is the replica.
+    # kwok's fake pod durations travel as pod annotations, which the platform must allow.
     values = {
         "replicaCount": 0,
         "storage": {"endpoint": s3_server.endpoint_url, "credentialsSecret": s3_secret},
+        "policy": {"allowPodAnnotations": True},
     }
     with chart_release(kubeconfig, namespace, values=values) as release:
         sa_kubeconfig = service_account_kubeconfig(release, api.api_client, tmp_path)
