@@ -80,3 +80,13 @@ def test_operator_gets_the_same_policy() -> None:
     from temper.policy import PlatformPolicy
 
     assert PlatformPolicy.model_validate(policy).max_gpus_per_run == 32
+
+
+def test_operator_gets_the_trainer_network_settings() -> None:
+    from temper.builders.network import TrainerNetwork
+
+    settings = TrainerNetwork.model_validate(json.loads(_env(render())["TEMPER_TRAINER_NETWORK_POLICY"]))
+    assert settings.enabled
+    assert settings.storage.ports == (443, 9000)
+    assert settings.hub.ports == (443,)
+    assert settings.dns_pod_labels == {"k8s-app": "kube-dns"}

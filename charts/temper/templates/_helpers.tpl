@@ -131,3 +131,9 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 {{- $_ := set $p "defaultStorageEndpoint" .Values.storage.endpoint }}
 {{- toJson $p }}
 {{- end }}
+
+{{/* The per-run trainer NetworkPolicy settings as the operator reads them (operator/temper/builders/network.py). */}}
+{{- define "temper.trainerNetworkJson" -}}
+{{- $np := .Values.networkPolicy }}
+{{- toJson (dict "enabled" $np.trainer.enabled "metricsFrom" $np.metricsFrom "storage" $np.egress.storage "hub" $np.trainer.hub "dnsNamespaceLabels" $np.egress.dns.namespaceLabels "dnsPodLabels" $np.egress.dns.podLabels) }}
+{{- end }}
