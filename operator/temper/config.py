@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from temper.policy import NETWORK_ENV, POLICY_ENV, PlatformPolicy, TrainerNetwork
+
+T = TypeVar("T", PlatformPolicy, TrainerNetwork)
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/temper/trainer:0.1.0"
 
@@ -80,6 +85,9 @@ class OperatorConfig:
     lease_renew_seconds: float = 5.0
     identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"temper-{os.getpid()}")
     workers: int = 8
+    # The platform policy (the chart's TEMPER_POLICY); None outside the chart: nothing re-checked.
+    policy: PlatformPolicy | None = None
+    trainer_network: TrainerNetwork = field(default_factory=TrainerNetwork)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -122,4 +130,24 @@ class OperatorConfig:
             lease_renew_seconds=renew,
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
+            policy=_policy(env, image),
+            trainer_network=_settings(TrainerNetwork, env, NETWORK_ENV),
         )
+
+
+def _settings(model: type[T], env: Mapping[str, str], name: str) -> T:
+    from pydantic import ValidationError
+
+    try:
+        return model.from_env(env)
+    except (ValueError, ValidationError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _policy(env: Mapping[str, str], trainer_image: str) -> PlatformPolicy | None:
+    if not env.get(POLICY_ENV, "").strip():
+        return None
+    policy = _settings(PlatformPolicy, env, POLICY_ENV)
+    if not policy.default_trainer_image:
+        policy = policy.model_copy(update={"default_trainer_image": trainer_image})
+    return policy

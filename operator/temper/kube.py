@@ -78,6 +78,7 @@ class Kube:
         self.core = k8s.CoreV1Api(api)
         self.custom = k8s.CustomObjectsApi(api)
         self.coordination = k8s.CoordinationV1Api(api)
+        self.networking = k8s.NetworkingV1Api(api)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
 
     async def _call(self, verb: str, resource: str, fn: Callable[[], T]) -> T:
@@ -98,6 +99,11 @@ class Kube:
             resource, fn = (
                 "services",
                 lambda: self.core.create_namespaced_service(ns, obj, _preload_content=False),
+            )
+        elif kind == "NetworkPolicy":
+            resource, fn = (
+                "networkpolicies",
+                lambda: self.networking.create_namespaced_network_policy(ns, obj, _preload_content=False),
             )
         elif kind == "Adapter":
             resource = ADAPTER_PLURAL

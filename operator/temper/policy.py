@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from temper.api.run import PostTrainingRunSpec
 
 POLICY_ENV = "TEMPER_POLICY"
+NETWORK_ENV = "TEMPER_TRAINER_NETWORK_POLICY"
 POD_ANNOTATIONS = "temper.dev/pod-annotations"
 NAMESPACE_PLACEHOLDER = "{namespace}"
 
@@ -89,6 +90,35 @@ class PlatformPolicy(BaseModel):
 
     def env_reserved(self, name: str) -> bool:
         return name in self.reserved_env_names or name.startswith(tuple(self.reserved_env_prefixes))
+
+
+class Endpoints(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cidrs: tuple[str, ...] = ()
+    ports: tuple[int, ...] = (443,)
+
+
+class TrainerNetwork(BaseModel):
+    """The chart's ``networkPolicy`` values as the operator reads them (``TEMPER_TRAINER_NETWORK_POLICY``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    enabled: bool = False
+    metrics_from: tuple[dict[str, Any], ...] = Field((), alias="metricsFrom")
+    storage: Endpoints = Endpoints(ports=(443, 9000))
+    hub: Endpoints = Endpoints()
+    dns_namespace_labels: dict[str, str] = Field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}, alias="dnsNamespaceLabels"
+    )
+    dns_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"k8s-app": "kube-dns"}, alias="dnsPodLabels"
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainerNetwork:
+        raw = (os.environ if env is None else env).get(NETWORK_ENV, "")
+        return cls.model_validate(json.loads(raw)) if raw.strip() else cls()
 
 
 def _image_violations(spec: PostTrainingRunSpec, policy: PlatformPolicy) -> Iterable[str]:

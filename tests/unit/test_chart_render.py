@@ -57,6 +57,7 @@ OPERATOR_NAMESPACED_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("batch", "jobs"): {"list", "watch", "create", "patch"},
     ("", "pods"): {"list", "watch"},
     ("", "services"): {"list", "watch", "create"},
+    ("networking.k8s.io", "networkpolicies"): {"create"},
     ("", "events"): {"create"},
     ("", "secrets"): {"get"},
     ("", "configmaps"): {"get", "list", "watch", "create", "update"},

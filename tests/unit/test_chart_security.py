@@ -83,7 +83,7 @@ def test_operator_gets_the_same_policy() -> None:
 
 
 def test_operator_gets_the_trainer_network_settings() -> None:
-    from temper.builders.network import TrainerNetwork
+    from temper.policy import TrainerNetwork
 
     settings = TrainerNetwork.model_validate(json.loads(_env(render())["TEMPER_TRAINER_NETWORK_POLICY"]))
     assert settings.enabled

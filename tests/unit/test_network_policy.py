@@ -11,7 +11,8 @@ import pytest
 import yaml
 from temper.api.run import PostTrainingRun
 from temper.builders.job import owner_reference, stage_labels
-from temper.builders.network import NETWORK_ENV, TrainerNetwork, trainer_network_policy
+from temper.builders.network import trainer_network_policy
+from temper.policy import NETWORK_ENV, TrainerNetwork
 
 pytestmark = pytest.mark.unit
 

@@ -102,6 +102,12 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create"]
+{{- if .Values.networkPolicy.trainer.enabled }}
+# One NetworkPolicy per run for its trainer pods, created with its first Job (owned by the run).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create"]
+{{- end }}
 # Events are posted through core/v1 (the operator's and kopf's), each a new object.
 - apiGroups: [""]
   resources: ["events"]

@@ -7,46 +7,11 @@ hub endpoints the platform configured (CIDRs and ports; no CIDRs means any addre
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from temper.api.run import PostTrainingRun
 from temper.builders.names import LABEL_COMPONENT, LABEL_RUN_UID, label_value
-
-NETWORK_ENV = "TEMPER_TRAINER_NETWORK_POLICY"
-
-
-class Endpoints(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cidrs: tuple[str, ...] = ()
-    ports: tuple[int, ...] = (443,)
-
-
-class TrainerNetwork(BaseModel):
-    """The chart's ``networkPolicy`` values as the operator reads them (``TEMPER_TRAINER_NETWORK_POLICY``)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-    enabled: bool = False
-    metrics_from: tuple[dict[str, Any], ...] = Field((), alias="metricsFrom")
-    storage: Endpoints = Endpoints(ports=(443, 9000))
-    hub: Endpoints = Endpoints()
-    dns_namespace_labels: dict[str, str] = Field(
-        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}, alias="dnsNamespaceLabels"
-    )
-    dns_pod_labels: dict[str, str] = Field(
-        default_factory=lambda: {"k8s-app": "kube-dns"}, alias="dnsPodLabels"
-    )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> TrainerNetwork:
-        raw = (os.environ if env is None else env).get(NETWORK_ENV, "")
-        return cls.model_validate(json.loads(raw)) if raw.strip() else cls()
+from temper.policy import Endpoints, TrainerNetwork
 
 
 def network_policy_name(run: PostTrainingRun) -> str:

@@ -20,12 +20,15 @@ from temper.builders import (
     build_adapter,
     build_job,
     build_service,
+    owner_reference,
     spec_hash,
     stage_contract,
+    trainer_network_policy,
 )
 from temper.builders.names import adapter_name, manifest_uri, output_prefix, progress_uri, service_name
 from temper.config import OperatorConfig
 from temper.planner.observed import Observed, ObservedJob, format_time
+from temper.policy import run_violations
 
 EventType = Literal["Normal", "Warning"]
 OWNED_CONDITIONS = (*common.CONDITION_TYPES, "SpecChangePending")
@@ -211,6 +214,14 @@ def _failure_cause(job: ObservedJob) -> str | None:
     return None
 
 
+def _policy_violations(run: PostTrainingRun, config: OperatorConfig) -> list[str]:
+    """The platform policy re-checked in code (admission checks it first, if installed)."""
+    if config.policy is None:
+        return []
+    annotations = run.metadata.get("annotations") or {}
+    return run_violations(run.spec, run.metadata.get("namespace", ""), annotations, config.policy)
+
+
 def backoff_seconds(base: int, attempt: int, cap: int) -> float:
     """Delay before attempt ``attempt + 1``: base, 2*base, 4*base ... capped."""
     return float(min(cap, base * (2 ** max(0, attempt - 1))))
@@ -257,6 +268,13 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         if prev_conditions.get(common.STALLED, {}).get("message") != message:
             out.events.append(Event("Warning", "InvalidSpec", message))
         return finish("Pending", _run_conditions("stalled", "InvalidSpec", message), None, None)
+
+    violations = _policy_violations(run, config)
+    if violations:
+        message = f"platform policy: {'; '.join(violations)}"
+        if prev_conditions.get(common.STALLED, {}).get("message") != message:
+            out.events.append(Event("Warning", "PolicyViolation", message))
+        return finish("Pending", _run_conditions("stalled", "PolicyViolation", message), None, None)
 
     spec = run.spec
     cycle = observed.cycle
@@ -453,6 +471,11 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                     view.message = stalled
                 else:
                     nodes = stage.resources.nodes if stage.resources else 1
+                    network = trainer_network_policy(
+                        run, config.trainer_network, config.trainer_metrics_port, owner_reference(run)
+                    )
+                    if network is not None:  # created with the run's first Job; 409s after
+                        out.create.append(network)
                     if nodes > 1 and service_name(job["metadata"]["name"]) not in observed.services:
                         out.create.append(build_service(run, job, config))
                     out.create.append(job)
