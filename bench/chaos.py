@@ -13,7 +13,8 @@ Faults, at seeded random moments while the runs advance:
 - ``s3_outage``: S3 blackholed for a few seconds (a TCP proxy in front of moto; no data lost);
 - ``preemption``: an exec trainer pod deleted once its first checkpoint is complete;
 - ``publish_crash``: a trainer dies after uploading its files, before the manifest (the
-  test-only failpoint ``TEMPER_FAILPOINT=publish-before-manifest`` in ``temper.storage``).
+  test-only failpoint ``TEMPER_FAILPOINT=publish-before-manifest`` in ``temper.storage``, passed on
+  by an operator started with ``TEMPER_TEST_FAILPOINTS`` from the run's ``temper.dev/test-failpoints``).
 
 Report (goals): ``runs_lost`` 0, ``duplicate_jobs`` 0, ``ready_adapters_corrupt`` 0,
 ``runs_terminal`` == runs, ``preemption_steps_redone_max`` <= ``checkpoint_interval_steps``,
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from temper.api.contract import StorageConfig  # noqa: E402
+from temper.builders.job import FAILPOINTS_ANNOTATION  # noqa: E402
 from temper.storage import Storage, StorageError  # noqa: E402
 from temper_dev.cluster import Cluster  # noqa: E402
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server  # noqa: E402
@@ -110,7 +112,8 @@ class Campaign:
                 },
             )
         install_crds(self.cluster)
-        env = {"TEMPER_DEFAULT_STORAGE_ENDPOINT": self.s3.endpoint_url}
+        # Test mode: the operator passes the runs' temper.dev/test-failpoints on to their pods.
+        env = {"TEMPER_DEFAULT_STORAGE_ENDPOINT": self.s3.endpoint_url, "TEMPER_TEST_FAILPOINTS": "true"}
         operator = OperatorProcess(self.cluster, self.namespace, "chaos-op", self.work, env)
         operator.start().wait_role("leader", timeout=60)
         return operator
@@ -155,14 +158,14 @@ class Campaign:
         ]
         body = pipeline(name, self.bucket, stages=stages)
         body["spec"]["storage"]["endpointUrl"] = self.s3.endpoint_url
-        trainer_env = [{"name": "TEMPER_MODEL_CACHE", "value": str(self.model_dir)}]
+        body["spec"]["trainer"] = {"env": [{"name": "TEMPER_MODEL_CACHE", "value": str(self.model_dir)}]}
         if index % 2 == 0:  # every other exec run also crashes mid-publish (attempts 1-2 may)
-            trainer_env += [
-                {"name": "TEMPER_FAILPOINT", "value": "publish-before-manifest"},
-                {"name": "TEMPER_FAILPOINT_ATTEMPTS", "value": "1,2"},
-                {"name": "TEMPER_FAILPOINT_MATCH", "value": "/sft/"},
-            ]
-        body["spec"]["trainer"] = {"env": trainer_env}
+            points = {
+                "TEMPER_FAILPOINT": "publish-before-manifest",
+                "TEMPER_FAILPOINT_ATTEMPTS": "1,2",
+                "TEMPER_FAILPOINT_MATCH": "/sft/",
+            }
+            body["metadata"].setdefault("annotations", {})[FAILPOINTS_ANNOTATION] = json.dumps(points)
         return body
 
     # faults

@@ -88,6 +88,10 @@ class OperatorConfig:
     # The platform policy (the chart's TEMPER_POLICY); None outside the chart: nothing re-checked.
     policy: PlatformPolicy | None = None
     trainer_network: TrainerNetwork = field(default_factory=TrainerNetwork)
+    # Default requests and limits of trainer pods ({"requests": {...}, "limits": {...}}).
+    trainer_resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Test builds only (the chaos campaign): pass a run's temper.dev/test-failpoints to its pods.
+    test_failpoints: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -132,6 +136,8 @@ class OperatorConfig:
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
             policy=_policy(env, image),
             trainer_network=_settings(TrainerNetwork, env, NETWORK_ENV),
+            test_failpoints=_bool(env, "TEMPER_TEST_FAILPOINTS", False),
+            trainer_resources=_trainer_resources(env),
         )
 
 
@@ -142,6 +148,20 @@ def _settings(model: type[T], env: Mapping[str, str], name: str) -> T:
         return model.from_env(env)
     except (ValueError, ValidationError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+def _trainer_resources(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    import json
+
+    raw = env.get("TEMPER_TRAINER_RESOURCES", "").strip()
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        raise ConfigError("TEMPER_TRAINER_RESOURCES: not JSON") from None
+    ok = isinstance(value, dict) and set(value) <= {"requests", "limits"}
+    if not ok or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError("TEMPER_TRAINER_RESOURCES: expected {requests: {...}, limits: {...}}")
+    return {k: {str(n): str(q) for n, q in v.items()} for k, v in value.items()}
 
 
 def _policy(env: Mapping[str, str], trainer_image: str) -> PlatformPolicy | None:

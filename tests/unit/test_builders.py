@@ -26,9 +26,10 @@ def _run(**overrides: Any) -> PostTrainingRun:
 
 def _job(run: PostTrainingRun, stage_index: int = 0, **kw: Any) -> dict[str, Any]:
     stage = run.spec.stages[stage_index]
-    contract = stage_contract(run, stage, cycle=1, attempt=1, config=CONFIG)
+    config = kw.get("config", CONFIG)
+    contract = stage_contract(run, stage, cycle=1, attempt=1, config=config)
     return build_job(
-        run, stage, contract, cycle=1, attempt=1, suspend=kw.get("suspend", False), config=CONFIG
+        run, stage, contract, cycle=1, attempt=1, suspend=kw.get("suspend", False), config=config
     )
 
 
@@ -278,3 +279,37 @@ def test_contract_maps_stage_settings_field_for_field() -> None:
     assert contract.data.replay.ratio == 0.25
     assert [d.name for d in contract.data.replay.datasets] == ["heldout"]
     assert [d.name for d in contract.data.eval] == ["heldout"]
+
+
+def test_failpoints_reach_pods_only_from_an_operator_in_test_mode() -> None:
+    import dataclasses
+
+    from temper.builders.job import FAILPOINTS_ANNOTATION
+
+    run = _run(trainer={"env": [{"name": "TEMPER_FAILPOINT", "value": "publish-before-manifest"}]})
+    run.metadata["annotations"] = {FAILPOINTS_ANNOTATION: '{"TEMPER_FAILPOINT_MATCH": "/sft/"}'}
+    assert not {k for k in _env(_job(run)) if k.startswith("TEMPER_FAILPOINT")}  # a user's env never
+    test_mode = dataclasses.replace(CONFIG, test_failpoints=True)
+    env = _env(_job(run, config=test_mode))
+    assert {k: v["value"] for k, v in env.items() if k.startswith("TEMPER_FAILPOINT")} == {
+        "TEMPER_FAILPOINT_MATCH": "/sft/"
+    }
+
+
+def test_platform_default_resources_under_the_stage_values() -> None:
+    import dataclasses
+
+    defaults = {
+        "requests": {"cpu": "1", "memory": "4Gi"},
+        "limits": {"memory": "64Gi", "ephemeral-storage": "50Gi"},
+    }
+    config = dataclasses.replace(CONFIG, trainer_resources=defaults)
+    pod = _job(_run(), config=config)["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == "1"
+    assert res["limits"]["ephemeral-storage"] == "50Gi"
+    raw = sample_run()
+    raw["spec"]["stages"][0]["resources"] = {"memory": "8Gi"}
+    own = _job(PostTrainingRun.model_validate(raw), config=config)["spec"]["template"]["spec"]
+    assert own["containers"][0]["resources"]["requests"]["memory"] == "8Gi"
+    assert own["containers"][0]["resources"]["limits"]["memory"] == "8Gi"

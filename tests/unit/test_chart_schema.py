@@ -28,6 +28,8 @@ FREE_FORM = {
     "nodeSelector",
     "resources.requests",
     "resources.limits",
+    "trainer.resources.requests",
+    "trainer.resources.limits",
     "metrics.service.annotations",
     "metrics.serviceMonitor.labels",
     "metrics.podMonitor.labels",

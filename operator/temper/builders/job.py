@@ -28,6 +28,8 @@ from temper.builders.names import (
 from temper.config import OperatorConfig
 
 POD_ANNOTATIONS = "temper.dev/pod-annotations"
+FAILPOINTS_ANNOTATION = "temper.dev/test-failpoints"
+FAILPOINT_PREFIX = "TEMPER_FAILPOINT"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
 RUN_AS_USER = 1000
@@ -63,8 +65,9 @@ def stage_labels(run: PostTrainingRun, stage: str, cycle: int, attempt: int | No
 
 
 def _resources(stage: Stage, run: PostTrainingRun, config: OperatorConfig) -> dict[str, Any]:
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
+    # The platform's defaults (chart: trainer.resources) first; the stage's own values win.
+    requests: dict[str, Any] = dict(config.trainer_resources.get("requests", {}))
+    limits: dict[str, Any] = dict(config.trainer_resources.get("limits", {}))
     res = stage.resources
     if res is not None:
         if res.gpus:
@@ -118,11 +121,38 @@ def _env(
                 },
             },
         ]
+    env += _failpoint_env(run, config)
     trainer = run.spec.trainer
     reserved = {e["name"] for e in env}
     if trainer is not None:
-        env += [{"name": e.name, "value": e.value} for e in trainer.env if e.name not in reserved]
+        # Failpoints come only from an operator started with TEMPER_TEST_FAILPOINTS, never from users.
+        env += [
+            {"name": e.name, "value": e.value}
+            for e in trainer.env
+            if e.name not in reserved and not e.name.startswith(FAILPOINT_PREFIX)
+        ]
     return env
+
+
+def _failpoint_env(run: PostTrainingRun, config: OperatorConfig) -> list[dict[str, Any]]:
+    """The chaos campaign's fault injection: honoured only by an operator in test mode."""
+    raw = (run.metadata.get("annotations") or {}).get(FAILPOINTS_ANNOTATION)
+    if not (config.test_failpoints and raw):
+        return []
+    try:
+        points = json.loads(raw)
+    except ValueError:
+        raise InvalidPodAnnotations(
+            f"metadata.annotations[{FAILPOINTS_ANNOTATION}]: not a JSON object"
+        ) from None
+    if not isinstance(points, dict) or not all(
+        isinstance(k, str) and k.startswith(FAILPOINT_PREFIX) and isinstance(v, str)
+        for k, v in points.items()
+    ):
+        raise InvalidPodAnnotations(
+            f"metadata.annotations[{FAILPOINTS_ANNOTATION}]: must map {FAILPOINT_PREFIX}* names to strings"
+        )
+    return [{"name": k, "value": v} for k, v in sorted(points.items())]
 
 
 def build_job(
