@@ -34,12 +34,17 @@ MONITORING_APIS = (
 Manifest = dict[str, Any]
 
 
-def helm_binary() -> Path:
+def tool_binary(name: str) -> Path:
+    """A binary hack/build-tools.sh builds; a missing one fails the test (CI always builds it)."""
     bin_dir = Path(os.environ.get("TEMPER_BIN", Path.home() / ".cache" / "temper" / "k8s-v1.36.3" / "bin"))
-    helm = bin_dir / "helm"
-    if not os.access(helm, os.X_OK):
-        pytest.fail(f"helm not found at {helm}: build it with `make tools` (hack/build-tools.sh)")
-    return helm
+    binary = bin_dir / name
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"{name} not found at {binary}: build it with `make tools` (hack/build-tools.sh)")
+    return binary
+
+
+def helm_binary() -> Path:
+    return tool_binary("helm")
 
 
 @functools.cache

@@ -4,7 +4,6 @@ rendered chart beyond the waivers documented in docs/security.md."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_chart_helm import EVERYTHING_ON, ROOT, render
+from tests.unit.test_chart_helm import EVERYTHING_ON, ROOT, render, tool_binary
 
 pytestmark = pytest.mark.unit
 
@@ -24,19 +23,11 @@ WAIVERS = {
 }
 
 
-def kube_score() -> Path:
-    bin_dir = Path(os.environ.get("TEMPER_BIN", Path.home() / ".cache" / "temper" / "k8s-v1.36.3" / "bin"))
-    binary = bin_dir / "kube-score"
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"kube-score not found at {binary}: build it with `make tools` (hack/build-tools.sh)")
-    return binary
-
-
 def critical_findings(objects: list[dict[str, Any]], tmp_path: Path) -> set[tuple[str, str, str]]:
     manifest = tmp_path / "objects.yaml"
     manifest.write_text(yaml.safe_dump_all(objects))
     proc = subprocess.run(
-        [str(kube_score()), "score", "--output-format", "json", str(manifest)],
+        [str(tool_binary("kube-score")), "score", "--output-format", "json", str(manifest)],
         capture_output=True,
         text=True,
         timeout=60,
