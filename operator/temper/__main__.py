@@ -133,6 +133,7 @@ async def run_operator(config: OperatorConfig) -> None:
                 acquire.cancel()
                 return
             stopped.cancel()
+            kube.fence = elector.may_act
             keeper = asyncio.create_task(elector.keep())
         await prime(runtime, config.namespaces)
         handlers.install(runtime)

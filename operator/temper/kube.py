@@ -38,6 +38,11 @@ RUN_PLURAL = "posttrainingruns"
 ADAPTER_PLURAL = "adapters"
 COMPONENT = "temper-operator"
 MERGE_PATCH = "application/merge-patch+json"
+WRITE_VERBS = frozenset({"create", "patch", "update", "delete"})
+
+
+class NotLeader(RuntimeError):
+    """A write refused because this process is past its leader renew deadline."""
 
 
 def load_api_client(pool_size: int = 16) -> k8s.ApiClient:
@@ -79,8 +84,12 @@ class Kube:
         self.custom = k8s.CustomObjectsApi(api)
         self.coordination = k8s.CoordinationV1Api(api)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
+        # Leader election's fence: every write but the Lease's own asks it first (None: no election).
+        self.fence: Callable[[], bool] | None = None
 
     async def _call(self, verb: str, resource: str, fn: Callable[[], T]) -> T:
+        if verb in WRITE_VERBS and resource != "leases" and self.fence is not None and not self.fence():
+            raise NotLeader(f"{verb} {resource}: not the leader (renew deadline passed)")
         metrics.API_REQUESTS.labels(verb, resource).inc()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
