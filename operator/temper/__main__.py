@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from temper import handlers
 from temper.builders.names import LABEL_COMPONENT, LABEL_RUN
 from temper.config import ConfigError, OperatorConfig
+from temper.continual.promotion import ALIAS_LABEL
+from temper.handlers.continual_apply import is_continual
 from temper.handlers.runtime import Runtime
 from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube, list_objects, load_api_client
 from temper.leader import LeaderElector
@@ -80,9 +82,12 @@ async def prime(runtime: Runtime, namespaces: tuple[str, ...]) -> None:
     for adapter in await list_objects(kube, ADAPTER_PLURAL, namespaces):
         runtime.caches.put_adapter(adapter)
         runtime.enqueue("adapter", (adapter["metadata"]["namespace"], adapter["metadata"]["name"]))
+    for cm in await list_objects(kube, "configmaps", namespaces, ALIAS_LABEL):
+        runtime.caches.put_alias(cm)
     for run in await list_objects(kube, RUN_PLURAL, namespaces):
         runtime.caches.put_run(run)
-        runtime.enqueue("run", (run["metadata"]["namespace"], run["metadata"]["name"]))
+        key = (run["metadata"]["namespace"], run["metadata"]["name"])
+        runtime.enqueue("continual" if is_continual(run.get("spec") or {}) else "run", key)
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -102,7 +107,7 @@ async def run_operator(config: OperatorConfig) -> None:
     runners = await serve(config, health)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    kube = Kube(load_api_client(pool_size=config.workers + 4), workers=config.workers + 4)
+    kube = Kube(load_api_client(pool_size=config.workers + 5), workers=config.workers + 4)
     elector = LeaderElector(kube, config)
 
     async def shutdown() -> None:

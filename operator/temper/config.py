@@ -83,6 +83,9 @@ class OperatorConfig:
     lease_renew_seconds: float = 2.0
     identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"temper-{os.getpid()}")
     workers: int = 8
+    # Workers (and threads) for everything that talks to S3: progress, verification, continual
+    # cycles, merges, retention. Separate from ``workers``, so S3 never holds up Job creation.
+    storage_workers: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -132,4 +135,5 @@ class OperatorConfig:
             lease_renew_seconds=renew,
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
+            storage_workers=_int(env, "TEMPER_STORAGE_WORKERS", 4, 1),
         )

@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 RUN_PLURAL = "posttrainingruns"
 ADAPTER_PLURAL = "adapters"
+CUSTOM_PLURALS = {"PostTrainingRun": RUN_PLURAL, "Adapter": ADAPTER_PLURAL}
 COMPONENT = "temper-operator"
 MERGE_PATCH = "application/merge-patch+json"
 WRITE_VERBS = frozenset({"create", "patch", "update", "delete"})
@@ -84,6 +85,8 @@ class Kube:
         self.custom = k8s.CustomObjectsApi(api)
         self.coordination = k8s.CoordinationV1Api(api)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube")
+        # The Lease has a thread of its own: a renewal never queues behind a burst of creates.
+        self._lease_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         # Leader election's fence: every write but the Lease's own asks it first (None: no election).
         self.fence: Callable[[], bool] | None = None
 
@@ -91,8 +94,9 @@ class Kube:
         if verb in WRITE_VERBS and resource != "leases" and self.fence is not None and not self.fence():
             raise NotLeader(f"{verb} {resource}: not the leader (renew deadline passed)")
         metrics.API_REQUESTS.labels(verb, resource).inc()
+        pool = self._lease_pool if resource == "leases" else self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+            return await asyncio.get_running_loop().run_in_executor(pool, fn)
         except ApiException as exc:
             metrics.API_ERRORS.labels(verb, resource, str(exc.status)).inc()
             raise
@@ -108,11 +112,14 @@ class Kube:
                 "services",
                 lambda: self.core.create_namespaced_service(ns, obj, _preload_content=False),
             )
-        elif kind == "Adapter":
-            resource = ADAPTER_PLURAL
+        elif kind in CUSTOM_PLURALS:
+            resource = CUSTOM_PLURALS[kind]
             fn = lambda: self.custom.create_namespaced_custom_object(  # noqa: E731
-                GROUP, VERSION, ns, ADAPTER_PLURAL, obj, _preload_content=False
+                GROUP, VERSION, ns, resource, obj, _preload_content=False
             )
+        elif kind == "ConfigMap":
+            resource = "configmaps"
+            fn = lambda: self.core.create_namespaced_config_map(ns, obj, _preload_content=False)  # noqa: E731
         else:
             raise ValueError(f"kind: cannot create {kind}")
         try:
@@ -136,15 +143,89 @@ class Kube:
             if exc.status != 404:  # gone already: nothing to suspend
                 raise
 
+    async def write_configmap(self, obj: dict[str, Any], exists: bool) -> dict[str, Any] | None:
+        """Create (or replace, when ``exists``) a ConfigMap; the stored object, or None when a
+        create found one already there."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if exists:
+            verb, fn = (
+                "update",
+                lambda: self.core.replace_namespaced_config_map(name, ns, obj, _preload_content=False),
+            )
+        else:
+            verb, fn = (
+                "create",
+                lambda: self.core.create_namespaced_config_map(ns, obj, _preload_content=False),
+            )
+        try:
+            resp = await self._call(verb, "configmaps", fn)
+        except ApiException as exc:
+            if exc.status == 409 and not exists:
+                return None
+            raise
+        out: dict[str, Any] = json.loads(resp.data)
+        return out
+
+    async def delete(self, plural: str, namespace: str, name: str) -> None:
+        """Delete a custom object in the background (its children go by garbage collection)."""
+        options = {"propagationPolicy": "Background"}
+        try:
+            await self._call(
+                "delete",
+                plural,
+                lambda: self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, plural, name, body=options, _preload_content=False
+                ),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def patch(
+        self, plural: str, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch a custom object (e.g. its finalizers); None if it is gone."""
+        try:
+            resp = await self._call(
+                "patch",
+                plural,
+                lambda: self.custom.patch_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    name,
+                    patch,
+                    _preload_content=False,
+                    _content_type=MERGE_PATCH,
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        out: dict[str, Any] = json.loads(resp.data)
+        return out
+
     # -- status -----------------------------------------------------------------------------
     async def patch_status(
-        self, plural: str, namespace: str, name: str, desired: dict[str, Any], current: dict[str, Any] | None
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        desired: dict[str, Any],
+        current: dict[str, Any] | None,
+        *,
+        resource_version: str | None = None,
     ) -> dict[str, Any] | None:
         """Merge-patch our status fields if they differ from ``current``; the updated object, or
-        None when nothing needed writing (or the object is gone)."""
+        None when nothing needed writing (or the object is gone). With ``resource_version`` the
+        write is refused (None) if the object changed since that version."""
         if not status_changed(desired, current):
             return None
-        body = {"status": desired}
+        body: dict[str, Any] = {"status": desired}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             resp = await self._call(
                 "patch",
@@ -161,8 +242,8 @@ class Kube:
                 ),
             )
         except ApiException as exc:
-            if exc.status == 404:
-                return None  # deleted meanwhile
+            if exc.status == 404 or (exc.status == 409 and resource_version):
+                return None  # deleted meanwhile, or changed since the version we planned from
             raise
         out: dict[str, Any] = json.loads(resp.data)
         return out
@@ -208,8 +289,9 @@ class Kube:
             )
 
     # -- reads ------------------------------------------------------------------------------
-    async def storage_credentials(self, namespace: str, secret: str) -> Credentials | None:
-        """S3 credentials from a Secret. Values stay in memory: never logged, never written anywhere."""
+    async def storage_credentials(self, namespace: str, secret: str) -> tuple[str, Credentials | None]:
+        """The Secret's resourceVersion ("" if absent) and its S3 credentials (None without both
+        keys). Values stay in memory: never logged, never written anywhere."""
         try:
             resp = await self._call(
                 "get",
@@ -218,9 +300,11 @@ class Kube:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return None
+                return "", None
             raise
-        data = json.loads(resp.data).get("data") or {}
+        secret_obj = json.loads(resp.data)
+        version = str((secret_obj.get("metadata") or {}).get("resourceVersion") or "")
+        data = secret_obj.get("data") or {}
 
         def value(key: str) -> str | None:
             raw = data.get(key)
@@ -228,11 +312,12 @@ class Kube:
 
         key_id, secret_key = value("AWS_ACCESS_KEY_ID"), value("AWS_SECRET_ACCESS_KEY")
         if not key_id or not secret_key:
-            return None
-        return Credentials(key_id, secret_key, value("AWS_SESSION_TOKEN"))
+            return version, None
+        return version, Credentials(key_id, secret_key, value("AWS_SESSION_TOKEN"))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._lease_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def list_objects(
@@ -256,6 +341,12 @@ async def list_objects(
                     kube.core.list_namespaced_pod(ns, **kw)
                     if ns
                     else kube.core.list_pod_for_all_namespaces(**kw)
+                )
+            if resource == "configmaps":
+                return (
+                    kube.core.list_namespaced_config_map(ns, **kw)
+                    if ns
+                    else kube.core.list_config_map_for_all_namespaces(**kw)
                 )
             if resource == "services":
                 return (
