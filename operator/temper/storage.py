@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,6 +144,10 @@ class VerifyResult:
     manifest: Manifest | None = None
 
 
+_SESSION: list[Any] = []  # one boto3 Session: its loader parses the S3 model once for every client
+_SESSION_LOCK = threading.Lock()  # Session.client() is not thread-safe
+
+
 def make_client(config: StorageConfig, credentials: Credentials | None = None) -> Any:
     """A boto3 S3 client for ``config``; credentials default to the environment's."""
     import boto3
@@ -168,7 +173,10 @@ def make_client(config: StorageConfig, credentials: Credentials | None = None) -
         kwargs["aws_secret_access_key"] = creds.secret_access_key
         if creds.session_token:
             kwargs["aws_session_token"] = creds.session_token
-    return boto3.session.Session().client("s3", **kwargs)
+    with _SESSION_LOCK:
+        if not _SESSION:
+            _SESSION.append(boto3.session.Session())
+        return _SESSION[0].client("s3", **kwargs)
 
 
 def transfer_config(config: StorageConfig) -> TransferConfig:

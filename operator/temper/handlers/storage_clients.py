@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from temper import adapters as adapter_ctl
+from temper import metrics
 from temper.config import OperatorConfig
 from temper.kube import Kube
 from temper.storage import Storage, make_client
@@ -33,6 +34,10 @@ class _Entry:
     version: str  # the Secret's resourceVersion ("" when there is no Secret)
     checked: float  # monotonic time of the last Secret read
     storage: Storage
+
+
+def _count_request(model: Any, **_: Any) -> None:
+    metrics.STORAGE_REQUESTS.labels(model.name).inc()
 
 
 class StorageClients:
@@ -70,6 +75,7 @@ class StorageClients:
             return entry.storage
         config = adapter_ctl.storage_config(dict(options), self.config.default_storage_endpoint)
         storage = await self.run(lambda: Storage(config, make_client(config, credentials)))
+        storage.client.meta.events.register("before-call.s3", _count_request)
         self.builds += 1
         # A named Secret that is missing (or lacks keys) is looked up again on the next call:
         # once someone creates it, storage must not keep using a credential-less client.
