@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from temper.config import OperatorConfig
-from temper.kube import Kube
+from temper.kube import ApiException, Kube
 
 log = logging.getLogger("temper.leader")
 EXIT_LOST_LEADERSHIP = 70
@@ -47,12 +45,13 @@ class Record:
     duration: float
 
 
-def _record(spec: Any) -> Record:
+def _record(lease: dict[str, Any]) -> Record:
+    spec = lease.get("spec") or {}
     return Record(
-        spec.holder_identity or "",
-        str(spec.renew_time or ""),
-        int(spec.lease_transitions or 0),
-        float(spec.lease_duration_seconds or 0),
+        spec.get("holderIdentity") or "",
+        str(spec.get("renewTime") or ""),
+        int(spec.get("leaseTransitions") or 0),
+        float(spec.get("leaseDurationSeconds") or 0),
     )
 
 
@@ -89,7 +88,7 @@ class LeaderElector:
         """True while this process may write: it holds the Lease and its renew deadline is ahead."""
         return self.is_leader and not self.lost and self.mono() < self.act_until
 
-    def _body(self, acquire: datetime, rv: str | None, transitions: int) -> dict[str, Any]:
+    def _body(self, acquire: str, rv: str | None, transitions: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": self.config.lease_name, "namespace": self.config.lease_namespace}
         if rv:
             meta["resourceVersion"] = rv
@@ -100,7 +99,7 @@ class LeaderElector:
             "spec": {
                 "holderIdentity": self.config.identity,
                 "leaseDurationSeconds": max(1, round(self.config.lease_duration_seconds)),
-                "acquireTime": _micro(acquire),
+                "acquireTime": acquire,
                 "renewTime": _micro(self.wall()),
                 "leaseTransitions": transitions,
             },
@@ -115,41 +114,37 @@ class LeaderElector:
         duration. True: we hold it (acting window extended); False: someone else holds it;
         None: a write race (409), try again. Writes carry the read's resourceVersion."""
         name, ns = self.config.lease_name, self.config.lease_namespace
-        api = self.kube.coordination
         started = self.mono()  # the write below can land no earlier than this
         try:
-            lease = await self.kube._call("get", "leases", lambda: api.read_namespaced_lease(name, ns))
+            lease = await self.kube._call("get", "leases", namespace=ns, name=name)
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            wall = self.wall()
-            body = self._body(wall, None, 0)
+            body = self._body(_micro(self.wall()), None, 0)
             try:
-                await self.kube._call("create", "leases", lambda: api.create_namespaced_lease(ns, body))
+                await self.kube._call("create", "leases", namespace=ns, body=body)
             except ApiException as create_exc:
                 if create_exc.status == 409:
                     return None
                 raise
             return self._won(started)
-        record = _record(lease.spec)
+        record = _record(lease)
         self._observe(record, self.mono())
         mine = record.holder == self.config.identity
         duration = record.duration or self.config.lease_duration_seconds
         if record.holder and not mine and self.mono() < self.observed_at + duration:
             return False
-        acquire = lease.spec.acquire_time if mine and lease.spec.acquire_time else None
-        acquired = acquire if isinstance(acquire, datetime) else self.wall()
+        acquired = str((lease.get("spec") or {}).get("acquireTime") or "") if mine else ""
         transitions = record.transitions + (0 if mine else 1)
-        body = self._body(acquired, lease.metadata.resource_version, transitions)
+        rv = (lease.get("metadata") or {}).get("resourceVersion")
+        body = self._body(acquired or _micro(self.wall()), rv, transitions)
         try:
-            written = await self.kube._call(
-                "update", "leases", lambda: api.replace_namespaced_lease(name, ns, body)
-            )
+            written = await self.kube._call("update", "leases", namespace=ns, name=name, body=body)
         except ApiException as exc:
             if exc.status == 409:
                 return None
             raise
-        self._observe(_record(written.spec), self.mono())
+        self._observe(_record(written), self.mono())
         return self._won(started)
 
     def _won(self, started: float) -> bool:
@@ -200,14 +195,11 @@ class LeaderElector:
             return
         self.lost, self.is_leader = True, False  # nothing more is written after this
         name, ns = self.config.lease_name, self.config.lease_namespace
-        api = self.kube.coordination
         try:
-            lease = await self.kube._call("get", "leases", lambda: api.read_namespaced_lease(name, ns))
-            if lease.spec.holder_identity == self.config.identity:
-                lease.spec.holder_identity = None
-                await self.kube._call(
-                    "update", "leases", lambda: api.replace_namespaced_lease(name, ns, lease)
-                )
+            lease = await self.kube._call("get", "leases", namespace=ns, name=name)
+            if (lease.get("spec") or {}).get("holderIdentity") == self.config.identity:
+                lease["spec"]["holderIdentity"] = None
+                await self.kube._call("update", "leases", namespace=ns, name=name, body=lease)
         except ApiException as exc:
             log.warning("lease not released: HTTP %s", exc.status)
 

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -24,7 +24,6 @@ from temper.leader import LeaderElector
 from temper_dev.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
-T = TypeVar("T")
 SKEW = timedelta(minutes=10)
 LABEL = "temper.dev/leader-test"
 
@@ -34,17 +33,17 @@ class PartitionableKube(Kube):
 
     partitioned = False
 
-    async def _call(self, verb: str, resource: str, fn: Callable[[], T]) -> T:
+    async def _call(self, verb: str, resource: str, **kwargs: Any) -> dict[str, Any]:
         if self.partitioned and resource == "leases":
             await asyncio.sleep(3600)
-        return await super()._call(verb, resource, fn)
+        return await super()._call(verb, resource, **kwargs)
 
 
 class Contender:
     def __init__(self, cluster: Cluster, namespace: str, identity: str, skew: timedelta) -> None:
         self.identity = identity
         self.namespace = namespace
-        self.kube = PartitionableKube(cluster.api_client(), workers=4)
+        self.kube = PartitionableKube(workers=4)  # logs in from KUBECONFIG, as the operator does
         config = OperatorConfig(
             lease_name="leader-test",
             lease_namespace=namespace,
@@ -78,16 +77,18 @@ class Contender:
                 continue
             n += 1
             body = {
-                "metadata": {"name": f"w-{self.identity}-{n}", "labels": {LABEL: self.identity}},
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": f"w-{self.identity}-{n}",
+                    "namespace": self.namespace,
+                    "labels": {LABEL: self.identity},
+                },
                 "data": {"by": self.identity},
             }
             sent = time.monotonic()
             try:
-                await self.kube._call(
-                    "create",
-                    "configmaps",
-                    lambda b=body: self.kube.core.create_namespaced_config_map(self.namespace, b),  # type: ignore[misc]
-                )
+                await self.kube.create(body)
             except NotLeader:
                 self.refused += 1
                 continue
@@ -126,14 +127,14 @@ async def _scenario(a: Contender, b: Contender) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for contender in (a, b):
-            contender.kube.close()
-            contender.kube.api.close()
+            await contender.kube.close()
 
 
 @pytest.mark.parametrize("holder_skew", [SKEW, -SKEW], ids=["holder-ahead", "holder-behind"])
 def test_skewed_clocks_and_a_partition_never_give_two_leaders(
-    cluster: Cluster, namespace: str, holder_skew: timedelta
+    cluster: Cluster, namespace: str, holder_skew: timedelta, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     a = Contender(cluster, namespace, "a", holder_skew)
     b = Contender(cluster, namespace, "b", -holder_skew)
     asyncio.run(_scenario(a, b))

@@ -22,6 +22,7 @@ from temper.continual.spec import ContinualSpecError, parse_continual
 from temper.handlers import adapter_lifecycle
 from temper.handlers.continual_apply import is_continual
 from temper.handlers.runtime import Runtime, parent_of
+from temper.kube import connection_info
 
 _runtime: Runtime | None = None
 
@@ -35,6 +36,12 @@ def _rt() -> Runtime:
     if _runtime is None:
         raise RuntimeError("handlers used before temper.handlers.install()")
     return _runtime
+
+
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf logs in as temper.kube does; its default would import the ``kubernetes`` client (50 MB)."""
+    return connection_info()
 
 
 def _deleted(event: kopf.RawEvent) -> bool:

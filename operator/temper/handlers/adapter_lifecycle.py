@@ -105,8 +105,7 @@ def _cached(
 async def _patch_status(rt: Runtime, adapter: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
     meta = adapter.get("metadata") or {}
     key = (str(meta.get("namespace", "")), str(meta.get("name")))
-    written = await rt.kube.patch_status(ADAPTER_PLURAL, key[0], key[1], desired, adapter.get("status"))
-    return _cached(rt, key, written, adapter)
+    return await rt.write_status(ADAPTER_PLURAL, key, desired) or adapter
 
 
 async def _mark_pending(rt: Runtime, adapter: dict[str, Any]) -> dict[str, Any]:
@@ -118,15 +117,10 @@ async def _mark_pending(rt: Runtime, adapter: dict[str, Any]) -> dict[str, Any]:
     meta = adapter.get("metadata") or {}
     key = (str(meta.get("namespace", "")), str(meta.get("name")))
     desired = adapter_ctl.pending_status(adapter, _now())
-    written = await rt.kube.patch_status(
-        ADAPTER_PLURAL,
-        key[0],
-        key[1],
-        desired,
-        adapter.get("status"),
-        resource_version=meta.get("resourceVersion"),
+    written = await rt.write_status(
+        ADAPTER_PLURAL, key, desired, resource_version=meta.get("resourceVersion")
     )
-    return _cached(rt, key, written, adapter)
+    return written or adapter
 
 
 def _condition(adapter: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:

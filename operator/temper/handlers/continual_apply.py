@@ -74,12 +74,6 @@ def _event(type_: str, reason: str, message: str) -> Event:
     return Event("Warning" if type_ == "Warning" else "Normal", reason, message)
 
 
-async def _patch_run_status(rt: Runtime, key: Key, desired: dict[str, Any], current: Any) -> None:
-    written = await rt.kube.patch_status(RUN_PLURAL, key[0], key[1], desired, dict(current or {}))
-    if written is not None:
-        rt.caches.put_run(written)
-
-
 # -- the continual pass ----------------------------------------------------------------------------
 async def reconcile_continual(rt: Runtime, key: Key) -> None:
     """One pass of the planner for one continual run, and the I/O it asks for."""
@@ -95,7 +89,7 @@ async def reconcile_continual(rt: Runtime, key: Key) -> None:
         desired = actions.invalid_spec_status(status, str(exc), _now())
         if status_changed(desired, dict(status)):
             await rt.kube.emit(run, Event("Warning", "InvalidSpec", str(exc)))
-        await _patch_run_status(rt, key, desired, status)
+        await rt.write_status(RUN_PLURAL, key, desired)
         return
     assert cspec is not None
     now = _now()
@@ -126,7 +120,7 @@ async def reconcile_continual(rt: Runtime, key: Key) -> None:
         gate_failures=plan.gate_failures,
         generation=plan.generation,
     )
-    await _patch_run_status(rt, key, plan.status_patch(started, summary=OWN_SUMMARY), status)
+    await rt.write_status(RUN_PLURAL, key, plan.status_patch(started, summary=OWN_SUMMARY))
     await sync_adapter_aliases(rt, namespace)
     due = (plan.next_schedule_time - now).total_seconds() if plan.next_schedule_time else RESYNC_SECONDS
     rt.enqueue("continual", key, max(0.05, min(due, RESYNC_SECONDS)))
@@ -302,7 +296,7 @@ async def apply_alias_edit(rt: Runtime, key: Key) -> None:
     if run is None:
         return
     patch = actions.rolled_back_status(run.get("status") or {}, state.alias, wanted, _now())
-    await _patch_run_status(rt, (namespace, state.run), patch, run.get("status"))
+    await rt.write_status(RUN_PLURAL, (namespace, state.run), patch)
     await sync_adapter_aliases(rt, namespace)
 
 
@@ -313,7 +307,4 @@ async def sync_adapter_aliases(rt: Runtime, namespace: str) -> None:
     runs = [r for r in rt.caches.runs_in(namespace) if is_continual(r.get("spec") or {})]
     mirror = actions.alias_mirror(runs)
     for (ns, name), aliases in actions.alias_mirror_patches(rt.caches.adapters_in(namespace), mirror):
-        current = (rt.caches.adapters.get((ns, name)) or {}).get("status")
-        written = await rt.kube.patch_status(ADAPTER_PLURAL, ns, name, {"aliases": aliases}, current)
-        if written is not None:
-            rt.caches.put_adapter(written)
+        await rt.write_status(ADAPTER_PLURAL, (ns, name), {"aliases": aliases})

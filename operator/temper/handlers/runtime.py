@@ -260,6 +260,25 @@ class Runtime:
         self.timers.pop(item, None)
         self.enqueue(*item)
 
+    async def write_status(
+        self,
+        plural: str,
+        key: Key,
+        desired: dict[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        """The one status writer: patch what differs from the cached object, cache what the
+        apiserver answered; the cached object afterwards (None if it is not cached)."""
+        cache = self.caches.runs if plural == RUN_PLURAL else self.caches.adapters
+        current = (cache.get(key) or {}).get("status")
+        written = await self.kube.patch_status(
+            plural, key[0], key[1], desired, current, resource_version=resource_version
+        )
+        if written is not None:
+            (self.caches.put_run if plural == RUN_PLURAL else self.caches.put_adapter)(written)
+        return cache.get(key)
+
     def forget(self, kinds: tuple[Kind, ...], key: Key) -> None:
         """Drop a deleted object's timers and failure counts: nothing outlives the object."""
         for kind in kinds:
@@ -396,9 +415,7 @@ class Runtime:
         for event in p.events:
             await self.kube.emit(run, event)
         if p.status:
-            written = await self.kube.patch_status(RUN_PLURAL, ns, name, p.status, run.get("status"))
-            if written is not None:
-                self.caches.put_run(written)
+            await self.write_status(RUN_PLURAL, key, p.status)
         for t in p.transitions:
             metrics.STAGE_DURATION.labels(t.stage_type, t.result).observe(t.duration_seconds)
             if t.result == "Failed":
@@ -483,9 +500,7 @@ class Runtime:
             storage = await self.storage.get(key[0], spec.get("artifact") or {})
             result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
             desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
-            written = await self.kube.patch_status(ADAPTER_PLURAL, key[0], key[1], desired, status)
-            if written is not None:
-                self.caches.put_adapter(written)
+            await self.write_status(ADAPTER_PLURAL, key, desired)
             if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):
                 self.enqueue("adapter", key, STALLED_RETRY_SECONDS)
         finally:
