@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -236,6 +238,44 @@ def wait_namespace_gone(core: client.CoreV1Api, name: str, timeout: float = 600)
         time.sleep(1)
 
 
+RSS_SPLIT = """
+import json, os, sys, psutil
+proc = psutil.Process()
+rss = lambda: proc.memory_info().rss / 2**20
+out, last = {}, rss()
+out["python"] = round(last, 1)
+def step(name, fn):
+    global last
+    fn()
+    now = rss()
+    out[name] = round(now - last, 1)
+    last = now
+sys.modules.setdefault("kubernetes", None)  # as temper.__main__ does
+step("pydantic + temper.api", lambda: __import__("temper.api.run"))
+step("aiohttp + kopf", lambda: __import__("kopf"))
+step("prometheus_client", lambda: __import__("prometheus_client"))
+step("temper operator modules", lambda: __import__("temper.__main__"))
+from temper.kube import _ssl_context, connection_info
+step("TLS context (kubeconfig CA + client cert)", lambda: _ssl_context(connection_info()))
+from temper.api.contract import StorageConfig
+from temper.storage import make_client
+step("boto3 + first S3 client (on first storage use)", lambda: make_client(StorageConfig(endpointUrl="http://127.0.0.1:9")))
+step("each further S3 client", lambda: make_client(StorageConfig(endpointUrl="http://127.0.0.1:8")))
+out["total"] = round(rss(), 1)
+print(json.dumps(out))
+"""
+
+
+def rss_split(cluster: Cluster) -> dict[str, float]:
+    """Where the operator's RSS goes before any run: one import (or client) after another, MB."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SPLIT], env=env, capture_output=True, text=True, check=True, cwd=REPO
+    )
+    split: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return split
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1000)
@@ -265,6 +305,7 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
     apiserver = Apiserver(cluster)
     n, threads = args.runs, args.create_threads
     out: dict[str, Any] = {"runs": n, "cpu_cores": psutil.cpu_count(), "create_threads": threads}
+    out["rss_split_mb"] = rss_split(cluster)
 
     # 1. baseline: temper's Jobs, created by this client directly.
     base_ns = "bench-base"
@@ -365,6 +406,7 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
             sum(v for k, v in delta(ops1, ops0).items() if 'verb="list"' in k) / minutes, 2
         ),
         "operator_api_writes_per_minute": round((writes(ops1, False) - writes(ops0, False)) / minutes, 2),
+        "operator_api_requests_by_kind": {k: int(v) for k, v in sorted(delta(ops1, ops0).items())},
         "lease_writes_per_minute": round((writes(ops1, True) - writes(ops0, True)) / minutes, 2),
         "s3_requests_per_minute_per_running_run": round(
             (sum(s3_1.values()) - sum(s3_0.values())) / minutes / n, 3
