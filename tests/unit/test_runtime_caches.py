@@ -102,7 +102,14 @@ def test_clients_are_cached_per_secret_version(monkeypatch: pytest.MonkeyPatch) 
         kube.version = "2"  # the Secret was rotated
         rotated = await clients.get("ml", {})
         assert rotated is not first
-        assert clients.builds == 2
+        monkeypatch.setattr(storage_clients, "CREDENTIALS_TTL", 300.0)
+        clients.refused("ml", {}, "cannot read s3://b/k: NoSuchKey")  # not about credentials
+        assert await clients.get("ml", {}) is rotated
+        reads = len(kube.reads)
+        clients.refused("ml", {}, "cannot read s3://b/k: InvalidAccessKeyId")
+        kube.version = "3"
+        assert await clients.get("ml", {}) is not rotated  # re-read at once, before the TTL
+        assert len(kube.reads) == reads + 1
         other = await clients.get("ml", {"secretRef": {"name": "team"}})
         assert other is not rotated
         assert kube.reads[-1] == ("ml", "team")

@@ -459,11 +459,13 @@ class Runtime:
         run = self.caches.runs.get(key)
         if running is None or run is None:
             return
+        options = (run.get("spec") or {}).get("storage") or {}
         try:
-            storage = await self.storage.get(key[0], (run.get("spec") or {}).get("storage") or {})
+            storage = await self.storage.get(key[0], options)
             raw = await self.storage.run(lambda: storage.get_bytes(running.progress_uri))
             progress: StageProgress | None = StageProgress.model_validate(json.loads(raw))
-        except (StorageError, ValueError):
+        except (StorageError, ValueError) as exc:
+            self.storage.refused(key[0], options, str(exc))
             progress = None  # not written yet, or unreadable: keep the last known value
         except Exception as exc:  # e.g. no credentials, endpoint down: progress is best-effort
             log.debug("progress of %s/%s unreadable: %s", *key, type(exc).__name__)
@@ -499,6 +501,7 @@ class Runtime:
             status = adapter.get("status") or {}
             storage = await self.storage.get(key[0], spec.get("artifact") or {})
             result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
+            self.storage.refused(key[0], spec.get("artifact") or {}, "; ".join(result.problems))
             desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
             await self.write_status(ADAPTER_PLURAL, key, desired)
             if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):

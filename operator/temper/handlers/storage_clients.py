@@ -26,6 +26,8 @@ from temper.storage import Storage, make_client
 
 T = TypeVar("T")
 CREDENTIALS_TTL = 300.0
+# S3 error codes after which the Secret is re-read at once (it may have been rotated).
+CREDENTIAL_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied")
 Where = tuple[str, str, str, str, str]  # namespace, secret, endpoint, region, addressing style
 
 
@@ -83,10 +85,10 @@ class StorageClients:
             self._clients[where] = _Entry(version, now, storage)
         return storage
 
-    def invalidate(self, namespace: str, options: Mapping[str, Any]) -> None:
-        """The store refused the credentials: re-read the Secret on the next call."""
+    def refused(self, namespace: str, options: Mapping[str, Any], error: str) -> None:
+        """If ``error`` says the store refused the credentials, re-read the Secret on the next call."""
         entry = self._clients.get(self.where(namespace, options))
-        if entry is not None:
+        if entry is not None and any(code in error for code in CREDENTIAL_ERRORS):
             entry.checked = float("-inf")
 
     def forget_namespace(self, namespace: str) -> None:
