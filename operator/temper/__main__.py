@@ -130,7 +130,6 @@ async def run_operator(config: OperatorConfig) -> None:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shutdown()))
 
     install_signals()
-    keeper: asyncio.Task[None] | None = None
     runtime = Runtime(kube, config)
     try:
         if config.leader_election:
@@ -143,7 +142,7 @@ async def run_operator(config: OperatorConfig) -> None:
                 return
             stopped.cancel()
             kube.fence = elector.may_act
-            keeper = asyncio.create_task(elector.keep())
+            elector.keep_in_thread()
         await prime(runtime, config.namespaces)
         handlers.install(runtime)
         runtime.start()
@@ -165,8 +164,6 @@ async def run_operator(config: OperatorConfig) -> None:
         await kopf_task
     finally:
         hard_exit_after(SHUTDOWN_GRACE_SECONDS)  # asyncio.run joins executor threads next
-        if keeper is not None:
-            keeper.cancel()
         await runtime.stop()
         await elector.release()
         for runner in runners:

@@ -10,7 +10,8 @@ The rules are client-go's (``tools/leaderelection``), so that no two operators e
   (the write may have landed any time after it was sent). ``renew_deadline < lease_duration``, so
   it has stopped before any standby's wait, which began no earlier than that write, can end.
 - The deadline is enforced at the write itself (:meth:`LeaderElector.may_act` fences every write
-  in :class:`temper.kube.Kube`), not only by a renew loop that a hung call could hold up.
+  in :class:`temper.kube.Kube`), not only by a renew loop that a hung call could hold up; and the
+  renew loop runs on a thread of its own, so a busy event loop never delays a renewal.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,6 +76,8 @@ class LeaderElector:
         on_lost: Callable[[], None] = _exit_lost,
     ) -> None:
         self.kube = kube
+        self.main_kube = kube  # the operator loop's client (release); keep_in_thread has its own
+        self.released = False
         self.config = config
         self.wall = wall
         self.mono = mono
@@ -180,9 +184,25 @@ class LeaderElector:
                     ok = await asyncio.wait_for(self.try_acquire(), timeout=remaining)
                 except Exception as exc:  # includes TimeoutError: retried until the deadline
                     log.warning("lease renewal failed: %s", _describe(exc))
+            if self.released:
+                return
             if ok is False or self.mono() >= self.act_until:
                 self.step_down()
                 return
+
+    def keep_in_thread(self) -> threading.Thread:
+        """:meth:`keep` on a thread and event loop of its own, with its own connections: a burst
+        of work on the operator's loop (or a long GIL holder) cannot delay a renewal."""
+        kube = Kube(self.kube.info, workers=1)
+        kube.fence = self.kube.fence
+
+        def run() -> None:
+            self.kube = kube
+            asyncio.run(self.keep())
+
+        thread = threading.Thread(target=run, name="lease", daemon=True)
+        thread.start()
+        return thread
 
     def step_down(self) -> None:
         self.lost = True
@@ -193,13 +213,15 @@ class LeaderElector:
         """Hand over at once on a clean shutdown instead of waiting out the lease."""
         if not self.may_act():
             return
+        self.released = True
         self.lost, self.is_leader = True, False  # nothing more is written after this
         name, ns = self.config.lease_name, self.config.lease_namespace
+        kube = self.main_kube
         try:
-            lease = await self.kube._call("get", "leases", namespace=ns, name=name)
+            lease = await kube._call("get", "leases", namespace=ns, name=name)
             if (lease.get("spec") or {}).get("holderIdentity") == self.config.identity:
                 lease["spec"]["holderIdentity"] = None
-                await self.kube._call("update", "leases", namespace=ns, name=name, body=lease)
+                await kube._call("update", "leases", namespace=ns, name=name, body=lease)
         except ApiException as exc:
             log.warning("lease not released: HTTP %s", exc.status)
 
