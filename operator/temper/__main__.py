@@ -15,16 +15,22 @@ import signal
 import sys
 import threading
 
-import kopf
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+# kopf imports the generated ``kubernetes`` client, when installed, only to recognise its model
+# objects; the operator never uses it (temper.kube speaks JSON), and it would cost 50 MB of RSS.
+sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 
-from temper import handlers
-from temper.builders.names import LABEL_COMPONENT, LABEL_RUN
-from temper.config import ConfigError, OperatorConfig
-from temper.handlers.runtime import Runtime
-from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube, list_objects, load_api_client
-from temper.leader import LeaderElector
+import kopf  # noqa: E402
+from aiohttp import web  # noqa: E402
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
+
+from temper import handlers  # noqa: E402
+from temper.builders.names import LABEL_COMPONENT, LABEL_RUN  # noqa: E402
+from temper.config import ConfigError, OperatorConfig  # noqa: E402
+from temper.continual.promotion import ALIAS_LABEL  # noqa: E402
+from temper.handlers.continual_apply import is_continual  # noqa: E402
+from temper.handlers.runtime import Runtime  # noqa: E402
+from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube, list_objects  # noqa: E402
+from temper.leader import LeaderElector  # noqa: E402
 
 log = logging.getLogger("temper")
 # Shutdown never waits longer than this: S3 or API calls stuck in worker threads (a partitioned
@@ -80,9 +86,12 @@ async def prime(runtime: Runtime, namespaces: tuple[str, ...]) -> None:
     for adapter in await list_objects(kube, ADAPTER_PLURAL, namespaces):
         runtime.caches.put_adapter(adapter)
         runtime.enqueue("adapter", (adapter["metadata"]["namespace"], adapter["metadata"]["name"]))
+    for cm in await list_objects(kube, "configmaps", namespaces, ALIAS_LABEL):
+        runtime.caches.put_alias(cm)
     for run in await list_objects(kube, RUN_PLURAL, namespaces):
         runtime.caches.put_run(run)
-        runtime.enqueue("run", (run["metadata"]["namespace"], run["metadata"]["name"]))
+        key = (run["metadata"]["namespace"], run["metadata"]["name"])
+        runtime.enqueue("continual" if is_continual(run.get("spec") or {}) else "run", key)
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -102,7 +111,7 @@ async def run_operator(config: OperatorConfig) -> None:
     runners = await serve(config, health)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    kube = Kube(load_api_client(pool_size=config.workers + 4), workers=config.workers + 4)
+    kube = Kube(workers=config.workers + 4)
     elector = LeaderElector(kube, config)
 
     async def shutdown() -> None:
@@ -121,7 +130,6 @@ async def run_operator(config: OperatorConfig) -> None:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shutdown()))
 
     install_signals()
-    keeper: asyncio.Task[None] | None = None
     runtime = Runtime(kube, config)
     try:
         if config.leader_election:
@@ -133,7 +141,8 @@ async def run_operator(config: OperatorConfig) -> None:
                 acquire.cancel()
                 return
             stopped.cancel()
-            keeper = asyncio.create_task(elector.keep())
+            kube.fence = elector.may_act
+            elector.keep_in_thread()
         await prime(runtime, config.namespaces)
         handlers.install(runtime)
         runtime.start()
@@ -155,13 +164,11 @@ async def run_operator(config: OperatorConfig) -> None:
         await kopf_task
     finally:
         hard_exit_after(SHUTDOWN_GRACE_SECONDS)  # asyncio.run joins executor threads next
-        if keeper is not None:
-            keeper.cancel()
         await runtime.stop()
         await elector.release()
         for runner in runners:
             await runner.cleanup()
-        kube.close()
+        await kube.close()
 
 
 def hard_exit_after(seconds: float) -> None:

@@ -82,7 +82,10 @@ class OperatorConfig:
     lease_name: str = "temper-operator"
     lease_namespace: str = "default"
     lease_duration_seconds: float = 15.0
-    lease_renew_seconds: float = 5.0
+    # The leader stops writing this long after the start of its last successful renewal; it is
+    # shorter than the lease, so a standby's takeover never overlaps it (client-go's rule).
+    lease_renew_deadline_seconds: float = 10.0
+    lease_renew_seconds: float = 2.0
     identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"temper-{os.getpid()}")
     workers: int = 8
     # The platform policy (the chart's TEMPER_POLICY); None outside the chart: nothing re-checked.
@@ -92,17 +95,26 @@ class OperatorConfig:
     trainer_resources: dict[str, dict[str, str]] = field(default_factory=dict)
     # Test builds only (the chaos campaign): pass a run's temper.dev/test-failpoints to its pods.
     test_failpoints: bool = False
+    # Workers (and threads) for everything that talks to S3: progress, verification, continual
+    # cycles, merges, retention. Separate from ``workers``, so S3 never holds up Job creation.
+    storage_workers: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
         namespaces = tuple(n.strip() for n in env.get("TEMPER_NAMESPACES", "").split(",") if n.strip())
         duration = _float(env, "TEMPER_LEASE_DURATION_SECONDS", 15.0, 1.0)
-        renew = _float(env, "TEMPER_LEASE_RENEW_SECONDS", min(5.0, duration / 3), 0.1)
-        if renew >= duration:
+        deadline = _float(env, "TEMPER_LEASE_RENEW_DEADLINE_SECONDS", min(10.0, duration * 2 / 3), 0.1)
+        renew = _float(env, "TEMPER_LEASE_RENEW_SECONDS", min(2.0, deadline / 2), 0.1)
+        if deadline >= duration:
             raise ConfigError(
-                "TEMPER_LEASE_RENEW_SECONDS: must be below TEMPER_LEASE_DURATION_SECONDS "
-                f"({renew} >= {duration})"
+                "TEMPER_LEASE_RENEW_DEADLINE_SECONDS: must be below TEMPER_LEASE_DURATION_SECONDS "
+                f"({deadline} >= {duration})"
+            )
+        if renew >= deadline:
+            raise ConfigError(
+                "TEMPER_LEASE_RENEW_SECONDS: must be below TEMPER_LEASE_RENEW_DEADLINE_SECONDS "
+                f"({renew} >= {deadline})"
             )
         image = env.get("TEMPER_TRAINER_IMAGE", "") or DEFAULT_TRAINER_IMAGE
         pull = env.get("TEMPER_IMAGE_PULL_POLICY", "") or "IfNotPresent"
@@ -131,6 +143,7 @@ class OperatorConfig:
             or env.get("POD_NAMESPACE", "")
             or "default",
             lease_duration_seconds=duration,
+            lease_renew_deadline_seconds=deadline,
             lease_renew_seconds=renew,
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
@@ -138,6 +151,7 @@ class OperatorConfig:
             trainer_network=_settings(TrainerNetwork, env, NETWORK_ENV),
             test_failpoints=_bool(env, "TEMPER_TEST_FAILPOINTS", False),
             trainer_resources=_trainer_resources(env),
+            storage_workers=_int(env, "TEMPER_STORAGE_WORKERS", 4, 1),
         )
 
 

@@ -30,6 +30,9 @@ API_ERRORS = Counter(
 API_REQUESTS = Counter(
     "temper_api_requests_total", "Kubernetes API calls made by the operator.", ["verb", "resource"]
 )
+STORAGE_REQUESTS = Counter(
+    "temper_storage_requests_total", "S3 requests made by the operator.", ["operation"]
+)
 ADAPTERS = Gauge("temper_adapters", "Adapters by lifecycle and readiness.", ["lifecycle", "ready"])
 RUN_PROGRESS = Gauge(
     "temper_run_progress_ratio", "Progress (0-1) of a run with a running stage.", ["namespace", "run"]

@@ -12,27 +12,40 @@ Atomic publish (see ``temper.api.contract`` for the layout)::
 
 The first attempt to write the manifest wins; a later one finds it, verifies it and returns it,
 so publishing is idempotent. Readers trust only a manifest whose files all verify.
+
+Verification costs one HEAD per file, never a download: files are uploaded with S3's stored
+SHA-256 checksum (``ChecksumAlgorithm=SHA256``), which a ``HEAD`` with ``ChecksumMode=ENABLED``
+returns. A single-part object's checksum is the file's SHA-256 itself and is compared with the
+manifest's ``sha256``; a multipart object's is a checksum of its parts' checksums (``...-N``), so
+the manifest records the value the store reported at publish (``checksumSha256``). An object
+without a checksum (a store that keeps none, or a rewrite without one) is held to the ETag
+recorded at publish: any rewrite gives a new ETag, except one with identical bytes (harmless).
+Only a file with neither recorded (an older manifest) falls back to downloading and hashing it.
+
+boto3 is imported on first use: a process that never touches storage never loads it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from temper.api.contract import Manifest, ManifestFile, StorageConfig
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
 
 MANIFEST_NAME = "manifest.json"
 # Bounded network waits: a partitioned S3 must fail a call in seconds, not hang a reconcile
@@ -131,8 +144,15 @@ class VerifyResult:
     manifest: Manifest | None = None
 
 
+_SESSION: list[Any] = []  # one boto3 Session: its loader parses the S3 model once for every client
+_SESSION_LOCK = threading.Lock()  # Session.client() is not thread-safe
+
+
 def make_client(config: StorageConfig, credentials: Credentials | None = None) -> Any:
     """A boto3 S3 client for ``config``; credentials default to the environment's."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
     creds = credentials if credentials is not None else Credentials.from_env()
     kwargs: dict[str, Any] = {
         "region_name": config.region,
@@ -153,10 +173,15 @@ def make_client(config: StorageConfig, credentials: Credentials | None = None) -
         kwargs["aws_secret_access_key"] = creds.secret_access_key
         if creds.session_token:
             kwargs["aws_session_token"] = creds.session_token
-    return boto3.session.Session().client("s3", **kwargs)
+    with _SESSION_LOCK:
+        if not _SESSION:
+            _SESSION.append(boto3.session.Session())
+        return _SESSION[0].client("s3", **kwargs)
 
 
 def transfer_config(config: StorageConfig) -> TransferConfig:
+    from boto3.s3.transfer import TransferConfig
+
     return TransferConfig(
         multipart_threshold=config.multipart_threshold_bytes,
         multipart_chunksize=config.multipart_chunk_bytes,
@@ -198,7 +223,9 @@ class Storage:
         loc = _loc(uri)
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
         try:
-            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
+            self.client.put_object(
+                Bucket=loc.bucket, Key=loc.key, Body=data, ChecksumAlgorithm="SHA256", **extra
+            )
         except ClientError as exc:
             if if_none_match and (_status(exc) in (409, 412) or _error_code(exc) == "PreconditionFailed"):
                 return False
@@ -213,10 +240,12 @@ class Storage:
         except ClientError as exc:
             raise StorageError(f"cannot read {loc}: {_error_code(exc) or exc}") from None
 
-    def head(self, uri: str | S3Uri) -> dict[str, Any] | None:
+    def head(self, uri: str | S3Uri, *, checksum: bool = False) -> dict[str, Any] | None:
+        """The object's metadata, None if absent; ``checksum`` adds its stored checksums."""
         loc = _loc(uri)
+        extra: dict[str, Any] = {"ChecksumMode": "ENABLED"} if checksum else {}
         try:
-            return cast(dict[str, Any], self.client.head_object(Bucket=loc.bucket, Key=loc.key))
+            return cast(dict[str, Any], self.client.head_object(Bucket=loc.bucket, Key=loc.key, **extra))
         except ClientError as exc:
             if _status(exc) == 404 or _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -227,9 +256,17 @@ class Storage:
 
     def upload_file(self, path: Path, uri: str | S3Uri) -> None:
         loc = _loc(uri)
+        from boto3.exceptions import S3UploadFailedError
+
         try:
-            self.client.upload_file(str(path), loc.bucket, loc.key, Config=self.transfer)
-        except (ClientError, boto3.exceptions.S3UploadFailedError) as exc:
+            self.client.upload_file(
+                str(path),
+                loc.bucket,
+                loc.key,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                Config=self.transfer,
+            )
+        except (ClientError, S3UploadFailedError) as exc:
             raise StorageError(f"cannot upload {path.name} to {loc}: {type(exc).__name__}") from None
 
     def download_file(self, uri: str | S3Uri, path: Path) -> None:
@@ -273,9 +310,28 @@ class Storage:
         entries: list[ManifestFile] = []
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
-            entries.append(ManifestFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+            digest, size = sha256_file(path), path.stat().st_size
             self.upload_file(path, loc.join(rel))
+            entries.append(self._published_entry(loc.join(rel), rel, digest, size))
         return entries
+
+    def _published_entry(self, loc: S3Uri, rel: str, digest: str, size: int) -> ManifestFile:
+        """The manifest entry of an uploaded file, with what the store reports for later HEADs."""
+        head = self.head(loc, checksum=True)
+        if head is None:
+            raise StorageError(f"cannot stat {loc} right after uploading it")
+        if (
+            head.get("ChecksumType") == "FULL_OBJECT"
+            and _b64_to_hex(str(head.get("ChecksumSHA256"))) != digest
+        ):
+            raise VerificationError(f"{loc}: the store's sha256 differs from the uploaded file's")
+        return ManifestFile(
+            path=rel,
+            sha256=digest,
+            size=size,
+            checksum_sha256=head.get("ChecksumSHA256") or None,
+            etag=str(head.get("ETag") or "").strip('"') or None,
+        )
 
     # -- manifests ----------------------------------------------------------------------------
     def publish_atomic(
@@ -290,10 +346,7 @@ class Storage:
         root = S3Uri.parse(prefix)
         attempt_rel = f"attempts/{attempt}"
         uploaded = self.upload_dir(local_dir, root.join(attempt_rel))
-        files = [
-            ManifestFile(path=f"{attempt_rel}/{entry.path}", sha256=entry.sha256, size=entry.size)
-            for entry in uploaded
-        ]
+        files = [entry.model_copy(update={"path": f"{attempt_rel}/{entry.path}"}) for entry in uploaded]
         _failpoint("publish-before-manifest", attempt, prefix)
         fields = dict(manifest_fields)
         fields.setdefault("createdAt", datetime.now(UTC).isoformat(timespec="seconds"))
@@ -336,17 +389,30 @@ class Storage:
         return VerifyResult(not problems, problems, total, digest, manifest)
 
     def _check_file(self, loc: S3Uri, entry: ManifestFile) -> str | None:
-        head = self.head(loc)
+        """One HEAD: the size, then the store's SHA-256 (else its ETag) against the manifest."""
+        head = self.head(loc, checksum=True)
         if head is None:
             return "missing"
         if int(head.get("ContentLength", -1)) != entry.size:
             return f"size {head.get('ContentLength')} != {entry.size}"
+        stored = str(head.get("ChecksumSHA256") or "")
+        if stored:  # the file's own sha256 (single part) or the parts' checksum seen at publish
+            if _b64_to_hex(stored.partition("-")[0]) == entry.sha256 or stored == entry.checksum_sha256:
+                return None
+            if entry.checksum_sha256:
+                return "sha256 mismatch (the store's checksum differs from the manifest's)"
+        elif entry.etag:  # no checksum now: any rewrite since publish changed the ETag
+            etag = str(head.get("ETag") or "").strip('"')
+            return None if etag == entry.etag else "sha256 unverified: object rewritten since publish (ETag)"
+        return self._hash_remote(loc, entry)
+
+    def _hash_remote(self, loc: S3Uri, entry: ManifestFile) -> str | None:
+        """The fallback for files published without a stored checksum or ETag: read and hash."""
         digest = hashlib.sha256()
         for chunk in self.iter_chunks(loc):
             digest.update(chunk)
-        if digest.hexdigest() != entry.sha256:
-            return f"sha256 mismatch (expected {entry.sha256[:12]}…, got {digest.hexdigest()[:12]}…)"
-        return None
+        got = digest.hexdigest()
+        return None if got == entry.sha256 else _sha_mismatch(entry.sha256, got)
 
     def download_verified(self, manifest_uri: str, dest: Path) -> Manifest:
         """Download a manifest's files into ``dest`` (attempt folder stripped) and verify each."""
@@ -377,6 +443,17 @@ def _failpoint(name: str, attempt: int | str, where: str) -> None:
         return
     logging.getLogger(__name__).error("failpoint %s: exiting at attempt %s (test only)", name, attempt)
     os._exit(137)
+
+
+def _b64_to_hex(value: str) -> str:
+    try:
+        return base64.b64decode(value).hex()
+    except ValueError:
+        return ""
+
+
+def _sha_mismatch(expected: str, got: str) -> str:
+    return f"sha256 mismatch (expected {expected[:12]}…, got {got[:12]}…)"
 
 
 def _loc(uri: str | S3Uri) -> S3Uri:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
-from temper.api.contract import StorageConfig
+from temper.api.contract import ManifestFile, StorageConfig
 from temper.storage import Credentials, S3Uri, Storage, StorageError, VerificationError, make_client
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server
 
@@ -168,3 +170,110 @@ def test_credentials_never_in_reprs_or_errors(s3_server: S3Server, tmp_path: Pat
         bad.get_bytes("s3://no-such-bucket-xyz/key")
     assert "no-such-bucket-xyz" in str(err.value)
     assert secret not in str(err.value)
+
+
+class Transfers:
+    """Counts the S3 calls and the object bytes a client reads (botocore's own event hooks)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.calls: list[str] = []
+        self.got: list[str] = []
+        storage.client.meta.events.register("before-call.s3", self._call)
+
+    def _call(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+        self.calls.append(model.name)
+        if model.name == "GetObject":
+            self.got.append(params["url_path"].rsplit("/", 1)[-1])
+
+
+@pytest.fixture
+def multipart(s3_server: S3Server) -> Storage:
+    config = StorageConfig(
+        endpointUrl=s3_server.endpoint_url,
+        multipartThresholdBytes=5 * 1024 * 1024,
+        multipartChunkBytes=5 * 1024 * 1024,
+    )
+    return Storage(config, make_client(config, Credentials.from_env(s3_server.env)))
+
+
+def _with_big_file(artifact: Path) -> Path:
+    (artifact / "model.safetensors").write_bytes(os.urandom(11 * 1024 * 1024))  # three parts
+    return artifact
+
+
+def test_verification_reads_one_head_per_file_and_no_file_bytes(
+    multipart: Storage, s3_bucket: str, artifact: Path
+) -> None:
+    result = multipart.publish_atomic(_with_big_file(artifact), f"s3://{s3_bucket}/o1/", 1, FIELDS)
+    manifest, _ = multipart.read_manifest(result.manifest_uri)
+    assert all(f.checksum_sha256 and f.etag for f in manifest.files)
+    seen = Transfers(multipart)
+    verified = multipart.verify_manifest(result.manifest_uri)
+    assert verified.ok, verified.problems
+    assert seen.got == ["manifest.json"]  # O(1) bytes per file: nothing but the manifest is read
+    assert seen.calls.count("HeadObject") == len(manifest.files) == 4
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ("truncate", "size"),
+        ("same-size-with-checksum", "sha256 mismatch"),
+        ("same-size-without-checksum", "rewritten since publish"),
+        ("multipart-rewrite", "sha256 mismatch"),
+    ],
+)
+def test_a_rewritten_or_truncated_object_never_verifies(
+    multipart: Storage, s3_bucket: str, artifact: Path, tamper: str, problem: str
+) -> None:
+    prefix = f"s3://{s3_bucket}/o-{tamper}/"
+    result = multipart.publish_atomic(_with_big_file(artifact), prefix, 1, FIELDS)
+    small = f"{prefix}attempts/1/adapter_model.safetensors"
+    big = f"{prefix}attempts/1/model.safetensors"
+    data = bytearray(multipart.get_bytes(small))
+    data[7] ^= 0xFF
+    if tamper == "truncate":
+        multipart.put_bytes(small, bytes(data[:-1]))
+    elif tamper == "same-size-with-checksum":
+        multipart.put_bytes(small, bytes(data))
+    elif tamper == "same-size-without-checksum":  # a writer that sends no checksum
+        multipart.client.put_object(Bucket=s3_bucket, Key=S3Uri.parse(small).key, Body=bytes(data))
+    else:
+        replacement = artifact.parent / "replacement"
+        replacement.write_bytes(os.urandom(11 * 1024 * 1024))
+        multipart.upload_file(replacement, big)
+    seen = Transfers(multipart)
+    verified = multipart.verify_manifest(result.manifest_uri)
+    assert not verified.ok
+    assert len(verified.problems) == 1, verified.problems
+    assert problem in verified.problems[0]
+    assert seen.got == ["manifest.json"]
+
+
+def test_a_manifest_without_stored_checksums_falls_back_to_hashing(
+    storage: Storage, s3_bucket: str, artifact: Path
+) -> None:
+    """Manifests published before checksums were recorded: every file is read and hashed."""
+    prefix = f"s3://{s3_bucket}/old/"
+    result = storage.publish_atomic(artifact, prefix, 1, FIELDS)
+    manifest, _ = storage.read_manifest(result.manifest_uri)
+    for entry in manifest.files:  # as an older publisher wrote them: no checksum on the objects
+        key = S3Uri.parse(f"{prefix}{entry.path}").key
+        body = storage.get_bytes(f"{prefix}{entry.path}")
+        storage.client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    bare = [ManifestFile(path=f.path, sha256=f.sha256, size=f.size) for f in manifest.files]
+    storage.client.put_object(
+        Bucket=s3_bucket,
+        Key=S3Uri.parse(result.manifest_uri).key,
+        Body=manifest.model_copy(update={"files": bare}).model_dump_json(by_alias=True).encode(),
+    )
+    seen = Transfers(storage)
+    assert storage.verify_manifest(result.manifest_uri).ok
+    assert sorted(seen.got) == sorted(["manifest.json", *(f.path.rsplit("/", 1)[-1] for f in bare)])
+    weights = f"{prefix}attempts/1/adapter_model.safetensors"
+    data = bytearray(storage.get_bytes(weights))
+    data[3] ^= 0xFF
+    storage.client.put_object(Bucket=s3_bucket, Key=S3Uri.parse(weights).key, Body=bytes(data))
+    verified = storage.verify_manifest(result.manifest_uri)
+    assert not verified.ok
+    assert "sha256 mismatch" in verified.problems[0]

@@ -227,6 +227,10 @@ class ManifestFile(_Strict):
     path: str  # relative to the manifest's folder
     sha256: str
     size: int = Field(ge=0)
+    # What the store reported at publish, so verification is one HEAD (temper.storage): its
+    # x-amz-checksum-sha256 (a multipart object's is "<parts' checksum>-<N>"), else its ETag.
+    checksum_sha256: str | None = Field(None, alias="checksumSha256")
+    etag: str | None = None
 
 
 class Manifest(_Strict):

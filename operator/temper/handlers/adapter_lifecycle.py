@@ -1,135 +1,76 @@
-"""kopf handlers for the Adapter catalog's lifecycle: retire, retention (finalizer) and merge.
+"""The Adapter catalog's lifecycle: retire, retention (finalizer) and merge, on the one controller path.
 
-Watch-event handlers only (kopf then writes nothing of its own to the objects): the work is done
-when an event shows something to do, and an Adapter that needs nothing costs no writes.
+:meth:`temper.handlers.runtime.Runtime.reconcile_adapter` calls :func:`reconcile` before
+verification, on the storage lane (merge and retention touch S3). Reads come from the caches,
+writes go through :class:`temper.kube.Kube`; an Adapter that needs nothing costs no writes.
 
 - ``spec.retention.onRetire: delete`` puts the finalizer ``temper.dev/artifact-retention`` on the
   Adapter; retiring it (or deleting it) removes exactly the manifest's files and the manifest.
 - ``spec.merge``: sources are validated (``temper.continual.merge``); the merge Job is rendered
   by the operator's Job builder and publishes to the folder of ``spec.artifact.uri``; the ordinary
-  Adapter verification then makes the Adapter Ready. Condition ``Merged`` tells the story. The
-  continual periodic pass re-checks unmerged Adapters (their sources' readiness is not their event).
+  Adapter verification then makes the Adapter Ready. Condition ``Merged`` tells the story. A
+  source's event (or the merge Job's) re-queues the merged Adapter (``waiting_merges``).
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
-
-import kopf
-from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
+from typing import TYPE_CHECKING, Any
 
 from temper import adapters as adapter_ctl
+from temper.api.common import GROUP, VERSION
 from temper.api.run import PostTrainingRun
 from temper.builders.job import build_job
-from temper.config import OperatorConfig
 from temper.continual import lifecycle
 from temper.continual.cycle import upsert_condition
 from temper.continual.merge import MergeBlocked, merge_contract, plan_merge
-from temper.handlers.continual import (
-    ADAPTERS,
-    GROUP,
-    PERIODIC,
-    VERSION,
-    _now,
-    api_client,
-    custom,
-    emit,
-    get_adapter,
-    list_objects,
-    log,
-    storage_for,
-)
-from temper.kube import status_changed
+from temper.handlers.continual_apply import _now
+from temper.kube import ADAPTER_PLURAL, status_changed
+from temper.planner import Event
 from temper.storage import StorageError
+
+if TYPE_CHECKING:
+    from temper.handlers.runtime import Key, Runtime
 
 MERGED = adapter_ctl.MERGED
 
 
-def _patch(namespace: str, name: str, body: dict[str, Any]) -> None:
-    try:
-        custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, ADAPTERS, name, body)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-
-
-def _patch_status(adapter: dict[str, Any], desired: dict[str, Any]) -> None:
+async def reconcile(rt: Runtime, key: Key, adapter: dict[str, Any]) -> dict[str, Any] | None:
+    """Lifecycle steps; the Adapter as it now stands, or None when verification must not follow."""
     meta = adapter.get("metadata") or {}
-    if not status_changed(desired, adapter.get("status")):
-        return
-    try:
-        custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta.get("namespace"), ADAPTERS, meta.get("name"), {"status": desired}
-        )
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-
-
-def _mark_pending(adapter: dict[str, Any]) -> dict[str, Any]:
-    """Give a never-verified Adapter its kstatus conditions (Reconciling=True) at once.
-
-    The patch carries the observed resourceVersion, so it can never overwrite a verification
-    result written in between (the apiserver answers 409 and the result stands).
-    """
-    meta = adapter.get("metadata") or {}
-    body = {
-        "metadata": {"resourceVersion": meta.get("resourceVersion")},
-        "status": adapter_ctl.pending_status(adapter, _now()),
-    }
-    try:
-        written: dict[str, Any] = custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta.get("namespace"), ADAPTERS, meta.get("name"), body
-        )
-    except ApiException as exc:
-        if exc.status not in (404, 409):
-            raise
-        return adapter
-    return written
-
-
-def _condition(adapter: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    return upsert_condition((adapter.get("status") or {}).get("conditions") or [], new, _now())
-
-
-@kopf.on.event(GROUP, VERSION, ADAPTERS)
-def adapter_lifecycle(event: kopf.RawEvent, **_: Any) -> None:
-    if event.get("type") == "DELETED":
-        return
-    adapter = cast(dict[str, Any], dict(event["object"]))
-    meta = adapter.get("metadata") or {}
-    namespace, name = str(meta.get("namespace", "default")), str(meta.get("name"))
-    body = cast(kopf.Body, adapter)
+    namespace, name = key
     try:
         retention_delete = lifecycle.wants_finalizer(adapter)
         retired = lifecycle.lifecycle_of(adapter) == "retired"
     except lifecycle.LifecycleError as exc:
-        emit(body, "Warning", "InvalidLifecycle", str(exc))
-        return
+        await rt.kube.emit(adapter, Event("Warning", "InvalidLifecycle", str(exc)))
+        return None
     finalizers = list(meta.get("finalizers") or [])
     if meta.get("deletionTimestamp"):
         if lifecycle.RETENTION_FINALIZER in finalizers:
             if lifecycle.should_delete_artifact(adapter, deleting=True):
-                _delete_artifact(adapter, namespace)
+                await _delete_artifact(rt, adapter)
             remaining = [f for f in finalizers if f != lifecycle.RETENTION_FINALIZER]
-            _patch(namespace, name, {"metadata": {"finalizers": remaining or None}})
-        return
+            await rt.kube.patch(
+                ADAPTER_PLURAL, namespace, name, {"metadata": {"finalizers": remaining or None}}
+            )
+        return None
     if retention_delete and lifecycle.RETENTION_FINALIZER not in finalizers:
-        _patch(namespace, name, {"metadata": {"finalizers": [*finalizers, lifecycle.RETENTION_FINALIZER]}})
+        patch = {"metadata": {"finalizers": [*finalizers, lifecycle.RETENTION_FINALIZER]}}
+        adapter = _cached(rt, key, await rt.kube.patch(ADAPTER_PLURAL, namespace, name, patch), adapter)
     if retired:
         desired: dict[str, Any] = {"phase": "Retired"}
         if lifecycle.should_delete_artifact(adapter, deleting=False):
-            desired["conditions"] = _delete_artifact(adapter, namespace)
-        _patch_status(adapter, desired)
-        return
+            desired["conditions"] = await _delete_artifact(rt, adapter)
+        adapter = await _patch_status(rt, adapter, desired)
+        return None if lifecycle.artifact_deleted(adapter) or "conditions" in desired else adapter
     if not (adapter.get("status") or {}).get("conditions"):
-        adapter = _mark_pending(adapter)
-    if (adapter.get("spec") or {}).get("merge"):
-        _reconcile_merge(adapter, namespace)
+        adapter = await _mark_pending(rt, adapter)
+    if unmerged(adapter):
+        adapter = await _reconcile_merge(rt, adapter)
+    return adapter
 
 
-def _unmerged(adapter: dict[str, Any]) -> bool:
+def unmerged(adapter: dict[str, Any]) -> bool:
     spec = adapter.get("spec") or {}
     if not spec.get("merge") or spec.get("lifecycle") == "retired":
         return False
@@ -140,71 +81,100 @@ def _unmerged(adapter: dict[str, Any]) -> bool:
     return merged is None or merged.get("status") != "True"
 
 
-def reconcile_merges() -> None:
-    """Periodic: sources becoming Ready (or the Job publishing) are not the merged Adapter's events."""
-    for adapter in list_objects(ADAPTERS):
-        if _unmerged(adapter):
-            try:
-                _reconcile_merge(adapter, str(adapter["metadata"].get("namespace", "default")))
-            except Exception:
-                log.exception("merge %s", adapter["metadata"].get("name"))
+def waiting_merges(rt: Runtime, source: Key) -> list[Key]:
+    """Unmerged Adapters in ``source``'s namespace that name it: its change may unblock them."""
+    out = []
+    for (ns, name), adapter in rt.caches.adapters.items():
+        if ns != source[0] or not unmerged(adapter):
+            continue
+        sources = ((adapter.get("spec") or {}).get("merge") or {}).get("sources") or []
+        if any(s.get("name") == source[1] for s in sources):
+            out.append((ns, name))
+    return out
 
 
-PERIODIC.append(reconcile_merges)
+def _cached(
+    rt: Runtime, key: Key, written: dict[str, Any] | None, fallback: dict[str, Any]
+) -> dict[str, Any]:
+    if written is None:
+        return fallback
+    rt.caches.put_adapter(written)
+    return rt.caches.adapters.get(key, fallback)
 
 
-def _delete_artifact(adapter: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
+async def _patch_status(rt: Runtime, adapter: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    meta = adapter.get("metadata") or {}
+    key = (str(meta.get("namespace", "")), str(meta.get("name")))
+    return await rt.write_status(ADAPTER_PLURAL, key, desired) or adapter
+
+
+async def _mark_pending(rt: Runtime, adapter: dict[str, Any]) -> dict[str, Any]:
+    """Give a never-verified Adapter its kstatus conditions (Reconciling=True) at once.
+
+    The patch carries the observed resourceVersion, so it can never overwrite a verification
+    result written in between (the apiserver answers 409 and the result stands).
+    """
+    meta = adapter.get("metadata") or {}
+    key = (str(meta.get("namespace", "")), str(meta.get("name")))
+    desired = adapter_ctl.pending_status(adapter, _now())
+    written = await rt.write_status(
+        ADAPTER_PLURAL, key, desired, resource_version=meta.get("resourceVersion")
+    )
+    return written or adapter
+
+
+def _condition(adapter: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    return upsert_condition((adapter.get("status") or {}).get("conditions") or [], new, _now())
+
+
+async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[str, Any]]:
     """Delete the manifest's objects; returns the conditions recording it (also patched)."""
+    namespace = str((adapter.get("metadata") or {}).get("namespace", ""))
     artifact = dict((adapter.get("spec") or {}).get("artifact") or {})
     uri = str(artifact.get("uri", ""))
-    body = cast(kopf.Body, adapter)
     try:
-        result = lifecycle.delete_artifact(storage_for(artifact, namespace), uri)
+        storage = await rt.storage.get(namespace, artifact)
+        result = await rt.storage.run(lambda: lifecycle.delete_artifact(storage, uri))
     except (StorageError, lifecycle.LifecycleError) as exc:
-        emit(body, "Warning", "RetentionFailed", str(exc))
+        await rt.kube.emit(adapter, Event("Warning", "RetentionFailed", str(exc)))
         raise
     message = (
         "manifest already gone" if result.already_gone else f"deleted {len(result.deleted)} objects of {uri}"
     )
-    conditions = _condition(
-        adapter,
-        {
-            "type": lifecycle.ARTIFACT_DELETED,
-            "status": "True",
-            "reason": "RetentionDelete",
-            "message": message,
-        },
-    )
-    _patch_status(adapter, {"conditions": conditions})
-    emit(body, "Normal", "ArtifactDeleted", message)
+    deleted = {
+        "type": lifecycle.ARTIFACT_DELETED,
+        "status": "True",
+        "reason": "RetentionDelete",
+        "message": message,
+    }
+    conditions = _condition(adapter, deleted)
+    await _patch_status(rt, adapter, {"conditions": conditions})
+    await rt.kube.emit(adapter, Event("Normal", "ArtifactDeleted", message))
     return conditions
 
 
-def _reconcile_merge(adapter: dict[str, Any], namespace: str) -> None:
+async def _reconcile_merge(rt: Runtime, adapter: dict[str, Any]) -> dict[str, Any]:
+    meta = adapter.get("metadata") or {}
+    namespace, name, uid = str(meta.get("namespace", "")), str(meta.get("name")), str(meta.get("uid", ""))
     spec = adapter.get("spec") or {}
     artifact = dict(spec.get("artifact") or {})
-    body = cast(kopf.Body, adapter)
-    storage = storage_for(artifact, namespace)
-    if storage.exists(str(artifact.get("uri"))):
+    storage = await rt.storage.get(namespace, artifact)
+    if await rt.storage.run(lambda: storage.exists(str(artifact.get("uri")))):
         merged = {
             "type": MERGED,
             "status": "True",
             "reason": "Published",
             "message": "merged adapter published",
         }
-        _patch_status(adapter, {"conditions": _condition(adapter, merged)})
-        return
+        return await _patch_status(rt, adapter, {"conditions": _condition(adapter, merged)})
     names = [str(s.get("name")) for s in (spec.get("merge") or {}).get("sources") or []]
-    plan = plan_merge(adapter, {n: get_adapter(namespace, n) for n in names})
+    plan = plan_merge(adapter, {n: rt.caches.adapters.get((namespace, n)) for n in names})
     if isinstance(plan, MergeBlocked):
         blocked = {"type": MERGED, "status": "False", "reason": plan.reason, "message": plan.message}
         desired = {"conditions": _condition(adapter, blocked)}
         if status_changed(desired, adapter.get("status")):
-            emit(body, "Warning", plan.reason, plan.message)
-        _patch_status(adapter, desired)
-        return
-    meta = adapter.get("metadata") or {}
-    name, uid = str(meta.get("name")), str(meta.get("uid", ""))
+            await rt.kube.emit(adapter, Event("Warning", plan.reason, plan.message))
+        return await _patch_status(rt, adapter, desired)
     storage_opts = {k: v for k, v in artifact.items() if k != "uri"}
     merge_stage = {
         "name": "merge",
@@ -228,18 +198,12 @@ def _reconcile_merge(adapter: dict[str, Any], namespace: str) -> None:
         }
     )
     contract = merge_contract(plan, namespace=namespace, name=name, uid=uid, storage=storage.config)
-    job = build_job(
-        run, run.spec.stages[0], contract, cycle=1, attempt=1, suspend=False, config=OperatorConfig.from_env()
-    )
+    job = build_job(run, run.spec.stages[0], contract, cycle=1, attempt=1, suspend=False, config=rt.config)
     job["metadata"]["ownerReferences"] = [
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Adapter", "name": name, "uid": uid, "controller": True}
     ]
     job_name = job["metadata"]["name"]
-    try:
-        k8s.BatchV1Api(api_client()).create_namespaced_job(namespace, job)
-        emit(body, "Normal", "MergeStarted", f"merge Job {job_name}")
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+    if await rt.kube.create(job):
+        await rt.kube.emit(adapter, Event("Normal", "MergeStarted", f"merge Job {job_name}"))
     merging = {"type": MERGED, "status": "False", "reason": "Merging", "message": f"merge Job {job_name}"}
-    _patch_status(adapter, {"conditions": _condition(adapter, merging)})
+    return await _patch_status(rt, adapter, {"conditions": _condition(adapter, merging)})

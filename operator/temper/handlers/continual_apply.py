@@ -1,32 +1,25 @@
-"""The continual apply layer: Kubernetes and S3 I/O around the pure continual planners.
+"""The continual apply layer: cache reads and S3 I/O around the pure continual planners.
 
 ``temper.continual.cycle`` plans a pass and ``temper.continual.actions`` turns the plan into
-concrete writes; this module reads what they need (runs, children, Adapters, alias ConfigMaps,
-storage listings and the replay index) and performs the writes they ask for. The kopf handlers
-in ``temper.handlers.continual`` only call into here.
+concrete writes. This module runs on the controller's one path (``temper.handlers.runtime``):
+it reads the informer caches (runs, their cycles' children, Adapters, alias ConfigMaps), does
+S3 work in the storage pool with cached clients, and writes through :class:`temper.kube.Kube`
+(metered, fenced by leader election, status only when it differs). A pass is triggered by watch
+events (the run, a child, an alias edit) and by a timer at the next schedule time: no LISTs.
 
 ``TEMPER_CONTINUAL_OWNS_PHASE`` (default true): whether continual runs' phase/currentCycle are
 written here (only once the one-shot reconciler skips them).
-``TEMPER_NAMESPACES`` (comma-separated, default all): where to look.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import cache
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-import kopf
-from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
-
-from temper.api.contract import StorageConfig
 from temper.continual import actions
 from temper.continual import cycle as cyc
 from temper.continual.data_selection import Selection, StorageLister, select_new_objects
@@ -41,199 +34,84 @@ from temper.continual.promotion import (
 from temper.continual.replay import ReplayBuffer, ReplayError, count_jsonl_examples
 from temper.continual.schedule import Clock, SystemClock
 from temper.continual.spec import ContinualSpec, ContinualSpecError, parse_continual
-from temper.kube import load_api_client, status_changed
-from temper.storage import Credentials, Storage, StorageError, make_client
+from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, status_changed
+from temper.planner import Event
+from temper.storage import Storage, StorageError
 
-GROUP, VERSION, RUNS, ADAPTERS = "temper.dev", "v1alpha1", "posttrainingruns", "adapters"
+if TYPE_CHECKING:
+    from temper.handlers.runtime import Key, Runtime
+
 log = logging.getLogger("temper.continual")
 # phase/currentCycle of continual runs: ours only once the one-shot reconciler skips them.
 OWN_SUMMARY = os.environ.get("TEMPER_CONTINUAL_OWNS_PHASE", "true") == "true"
 CLOCK: Clock = SystemClock()  # tests may swap in a FakeClock when running handlers in-process
+# A continual run with no schedule due still gets a pass this often (from the caches: no API call).
+RESYNC_SECONDS = float(os.environ.get("TEMPER_CONTINUAL_INTERVAL_SECONDS", "300") or 300)
+WAIT_SECONDS = 5.0  # e.g. the adapter to promote is not verified yet
+
+
+class Retry(Exception):
+    """Not yet: try this key again after ``delay`` seconds (not counted as a failure)."""
+
+    def __init__(self, message: str, delay: float = WAIT_SECONDS) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class Refused(Exception):
+    """Nothing to retry until the object changes (its next watch event brings it back)."""
 
 
 def is_continual(spec: Mapping[str, Any], **_: Any) -> bool:
     return bool(spec.get("continual"))
 
 
-# -- Kubernetes and storage access ---------------------------------------------------------------
-@cache
-def api_client() -> k8s.ApiClient:
-    return load_api_client(pool_size=4)
-
-
-def custom() -> k8s.CustomObjectsApi:
-    return k8s.CustomObjectsApi(api_client())
-
-
-def core() -> k8s.CoreV1Api:
-    return k8s.CoreV1Api(api_client())
-
-
-def _get(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj: dict[str, Any] = custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return obj
-
-
-def get_adapter(namespace: str, name: str) -> dict[str, Any] | None:
-    return _get(ADAPTERS, namespace, name)
-
-
-def get_run(namespace: str, name: str) -> dict[str, Any] | None:
-    return _get(RUNS, namespace, name)
-
-
-def storage_for(options: Mapping[str, Any], namespace: str) -> Storage:
-    """A Storage for an S3Options-shaped mapping (secretRef, endpointUrl, region, addressingStyle)."""
-    config = StorageConfig.model_validate(
-        {
-            "endpointUrl": options.get("endpointUrl")
-            or os.environ.get("TEMPER_DEFAULT_STORAGE_ENDPOINT")
-            or None,
-            "region": options.get("region") or "us-east-1",
-            "addressingStyle": options.get("addressingStyle") or "path",
-        }
-    )
-    credentials = None
-    ref = (options.get("secretRef") or {}).get("name")
-    if ref:
-        secret = core().read_namespaced_secret(ref, namespace)
-        data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-        credentials = Credentials.from_env(data)
-        if credentials is None:
-            raise kopf.PermanentError(f"secret {ref}: needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    return Storage(config, make_client(config, credentials))
-
-
-def emit(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post an Event (best effort) from any thread: kopf's own poster needs its event loop context."""
-    meta = obj.get("metadata") or {}
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {
-        "metadata": {
-            "name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}",
-            "namespace": meta.get("namespace"),
-        },
-        "involvedObject": {
-            "apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"),
-            "kind": obj.get("kind"),
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-        },
-        "reason": reason,
-        "message": message[:1024],
-        "type": type_,
-        "source": {"component": "temper-operator"},
-        "reportingComponent": "temper-operator",
-        "reportingInstance": os.environ.get("HOSTNAME", "temper-operator"),
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-    }
-    try:
-        core().create_namespaced_event(meta.get("namespace"), body)
-    except ApiException as exc:
-        log.warning("event %s on %s not recorded: HTTP %s", reason, meta.get("name"), exc.status)
-
-
 def _now() -> datetime:
     return CLOCK.now().astimezone(UTC)
 
 
-# -- run status and listings -----------------------------------------------------------------------
-def _patch_status(
-    namespace: str, name: str, desired: dict[str, Any], current: Mapping[str, Any] | None
-) -> None:
-    """Write only what differs: an idle continual run costs no API writes."""
-    if status_changed(desired, dict(current or {})):
-        custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, RUNS, name, {"status": desired}
-        )
-
-
-def _namespaces() -> tuple[str, ...]:
-    raw = os.environ.get("TEMPER_NAMESPACES", "")
-    return tuple(n.strip() for n in raw.split(",") if n.strip())
-
-
-def list_objects(plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-    namespaces = (namespace,) if namespace else _namespaces()
-    if not namespaces:
-        return list(custom().list_cluster_custom_object(GROUP, VERSION, plural)["items"])
-    items: list[dict[str, Any]] = []
-    for ns in namespaces:
-        items += custom().list_namespaced_custom_object(GROUP, VERSION, ns, plural)["items"]
-    return items
+def _event(type_: str, reason: str, message: str) -> Event:
+    return Event("Warning" if type_ == "Warning" else "Normal", reason, message)
 
 
 # -- the continual pass ----------------------------------------------------------------------------
-def reconcile_all_continual() -> None:
-    """One pass over every continual run, then the Adapter alias mirror."""
-    runs = list_objects(RUNS)
-    for run in runs:
-        if not is_continual(run.get("spec") or {}) or (run.get("metadata") or {}).get("deletionTimestamp"):
-            continue
-        meta = run["metadata"]
-        try:
-            reconcile_continual(run)
-        except kopf.TemporaryError as exc:  # e.g. the new adapter is not verified yet
-            log.info("continual run %s/%s waits: %s", meta.get("namespace"), meta.get("name"), exc)
-        except Exception:  # one bad run must not stop the others
-            log.exception("continual run %s/%s", meta.get("namespace"), meta.get("name"))
-    sync_adapter_aliases()
-
-
-def reconcile_continual(run: dict[str, Any]) -> None:
+async def reconcile_continual(rt: Runtime, key: Key) -> None:
     """One pass of the planner for one continual run, and the I/O it asks for."""
-    body = cast(kopf.Body, run)
-    spec = run.get("spec") or {}
-    namespace, name = str(run["metadata"].get("namespace", "default")), str(run["metadata"]["name"])
+    run = rt.caches.runs.get(key)
+    spec = (run or {}).get("spec") or {}
+    if run is None or not is_continual(spec) or (run.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    namespace, name = key
     status = run.get("status") or {}
     try:
         cspec = parse_continual(spec)
     except ContinualSpecError as exc:
         desired = actions.invalid_spec_status(status, str(exc), _now())
         if status_changed(desired, dict(status)):
-            emit(body, "Warning", "InvalidSpec", str(exc))
-        _patch_status(namespace, name, desired, status)
+            await rt.kube.emit(run, Event("Warning", "InvalidSpec", str(exc)))
+        await rt.write_status(RUN_PLURAL, key, desired)
         return
     assert cspec is not None
     now = _now()
-    children = custom().list_namespaced_custom_object(
-        GROUP, VERSION, namespace, RUNS, label_selector=f"{cyc.PARENT_LABEL}={name}"
-    )["items"]
+    children = [
+        rt.caches.runs[(namespace, child)]
+        for child in sorted(rt.caches.children.get(key, ()))
+        if (namespace, child) in rt.caches.runs
+    ]
     plan = cyc.plan(run, cspec, children, now)
     storage_opts = dict(spec.get("storage") or {})
-
     for action in actions.finish_actions(plan, cspec):
         if isinstance(action, actions.Promotion):
-            promote(namespace, name, action.alias, action.adapter, now)
+            await promote(rt, namespace, name, action.alias, action.adapter, now=now)
         else:
-            _append_replay(storage_for(storage_opts, namespace), cspec, action)
-
-    started = _start_cycle(run, cspec, plan, storage_opts, now) if plan.start is not None else None
-
+            await _append_replay_async(rt, namespace, storage_opts, cspec, action)
+    started = (
+        await _start_cycle(rt, run, cspec, plan, storage_opts, now=now) if plan.start is not None else None
+    )
     for child_name in [*plan.stop_children, *plan.delete_children]:
-        try:
-            custom().delete_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                RUNS,
-                child_name,
-                body=k8s.V1DeleteOptions(propagation_policy="Background"),
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
+        await rt.kube.delete(RUN_PLURAL, namespace, child_name)
     for event in plan.events:
-        emit(body, event.type, event.reason, event.message)
+        await rt.kube.emit(run, _event(event.type, event.reason, event.message))
     record(
         continual_metrics(),
         namespace=namespace,
@@ -242,60 +120,66 @@ def reconcile_continual(run: dict[str, Any]) -> None:
         gate_failures=plan.gate_failures,
         generation=plan.generation,
     )
-    _patch_status(namespace, name, plan.status_patch(started, summary=OWN_SUMMARY), status)
+    await rt.write_status(RUN_PLURAL, key, plan.status_patch(started, summary=OWN_SUMMARY))
+    await sync_adapter_aliases(rt, namespace)
+    due = (plan.next_schedule_time - now).total_seconds() if plan.next_schedule_time else RESYNC_SECONDS
+    rt.enqueue("continual", key, max(0.05, min(due, RESYNC_SECONDS)))
 
 
-def _start_cycle(
-    run: dict[str, Any], cspec: ContinualSpec, plan: cyc.Plan, storage_opts: dict[str, Any], now: datetime
+async def _start_cycle(
+    rt: Runtime,
+    run: dict[str, Any],
+    cspec: ContinualSpec,
+    plan: cyc.Plan,
+    storage_opts: dict[str, Any],
+    *,
+    now: datetime,
 ) -> dict[str, Any] | None:
     """Create the cycle's child run; its status.cycles entry, or None when there is no new data."""
     start = plan.start
     assert start is not None
-    body = cast(kopf.Body, run)
     namespace = str(run["metadata"].get("namespace", "default"))
-    selection = _select(run, cspec, start, storage_opts, namespace)
+    storage = await rt.storage.get(namespace, storage_opts)
+    selection = await rt.storage.run(lambda: _select(run, cspec, start, storage))
     if selection.empty:
-        emit(body, "Normal", "NoNewData", f"cycle {start.cycle}: no new data")
+        await rt.kube.emit(run, Event("Normal", "NoNewData", f"cycle {start.cycle}: no new data"))
         return None
-    buffer = _load_replay(storage_for(storage_opts, namespace), cspec) if cspec.replay.ratio > 0 else None
+    buffer = await rt.storage.run(lambda: _load_replay(storage, cspec)) if cspec.replay.ratio > 0 else None
     promoted = (plan.promoted or {}).get("adapter")
     child = cyc.render_child(run, cspec, start, selection, buffer=buffer, promoted_adapter=promoted)
     child["spec"]["storage"] = actions.child_storage(storage_opts, start.cycle)
-    try:
-        custom().create_namespaced_custom_object(GROUP, VERSION, namespace, RUNS, child)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+    child.setdefault("kind", "PostTrainingRun")
+    child["metadata"].setdefault("namespace", namespace)
+    await rt.kube.create(child)
+    # Seen at once: the next pass (on this run's own status event) must find its child.
+    rt.caches.put_run({**child, "metadata": {**child["metadata"], "resourceVersion": "0"}})
     if actions.advances_prefix_watermark(cspec):
         plan.book["prefix"] = selection.watermark.to_status()
-    emit(body, "Normal", reason="CycleStarted", message=f"cycle {start.cycle}: {start.trigger}")
+    await rt.kube.emit(run, Event("Normal", "CycleStarted", f"cycle {start.cycle}: {start.trigger}"))
     return cyc.started_entry(start, selection, now)
 
 
 def _select(
-    run: Mapping[str, Any],
-    cspec: ContinualSpec,
-    start: cyc.StartCycle,
-    storage_opts: dict[str, Any],
-    namespace: str,
+    run: Mapping[str, Any], cspec: ContinualSpec, start: cyc.StartCycle, storage: Storage
 ) -> Selection:
+    """Blocking (the storage pool): this cycle's new data."""
     source = actions.selection_source(run, cspec, start)
     if isinstance(source, Selection):
         return source
     if isinstance(source, actions.TemplateSource):
         etag = None
         if source.uri.startswith("s3://"):
-            head = storage_for(storage_opts, namespace).head(source.uri)
+            head = storage.head(source.uri)
             if head is None:
                 return actions.NOT_THERE_YET  # no new data this cycle
             etag = str(head.get("ETag", "")).strip('"') or None
         return source.finish(cspec, etag)
     assert cspec.new_data is not None
-    listing = StorageLister(storage_for(storage_opts, namespace)).list_objects(source.prefix)
+    listing = StorageLister(storage).list_objects(source.prefix)
     return select_new_objects(cspec.new_data, listing, source.since)
 
 
-# -- replay buffer -----------------------------------------------------------------------------------
+# -- replay buffer (blocking: the storage pool) -----------------------------------------------------
 def _load_replay(storage: Storage, cspec: ContinualSpec) -> ReplayBuffer:
     index = cspec.replay.index_uri
     if index is None or not storage.exists(index):
@@ -303,7 +187,7 @@ def _load_replay(storage: Storage, cspec: ContinualSpec) -> ReplayBuffer:
     try:
         return ReplayBuffer.from_json(storage.get_bytes(index))
     except ReplayError as exc:
-        raise kopf.PermanentError(f"spec.continual.replay.buffer.uri: {exc}") from None
+        raise Refused(f"spec.continual.replay.buffer.uri: {exc}") from None
 
 
 def _count(storage: Storage, uri: str) -> int:
@@ -317,29 +201,41 @@ def _count(storage: Storage, uri: str) -> int:
     return count_jsonl_examples(list(storage.iter_chunks(uri)))
 
 
+async def _append_replay_async(
+    rt: Runtime,
+    namespace: str,
+    storage_opts: dict[str, Any],
+    cspec: ContinualSpec,
+    append: actions.ReplayAppend,
+) -> None:
+    storage = await rt.storage.get(namespace, storage_opts)
+    await rt.storage.run(lambda: _append_replay(storage, cspec, append))
+
+
 def _append_replay(storage: Storage, cspec: ContinualSpec, append: actions.ReplayAppend) -> None:
     buffer = _load_replay(storage, cspec)
     try:
         segments = actions.replay_segments(append.cycle, append.datasets, lambda uri: _count(storage, uri))
     except StorageError as exc:
-        raise kopf.TemporaryError(f"replay buffer: {exc}", delay=30) from None
+        raise Retry(f"replay buffer: {exc}", delay=30) from None
     buffer.append(segments, cspec.replay.max_examples, cspec.replay.sampling)
     storage.put_bytes(str(cspec.replay.index_uri), buffer.to_json().encode())
 
 
 # -- promotion and rollback --------------------------------------------------------------------------
-def adapter_target(namespace: str, adapter_name: str) -> AdapterTarget:
-    adapter = get_adapter(namespace, adapter_name)
+async def adapter_target(rt: Runtime, namespace: str, adapter_name: str) -> AdapterTarget:
+    adapter = rt.caches.adapters.get((namespace, adapter_name))
     if adapter is None:
-        raise kopf.TemporaryError(f"adapter {adapter_name} not found yet", delay=5)
+        raise Retry(f"adapter {adapter_name} not found yet")
     try:
         target = AdapterTarget.from_adapter(adapter)
     except PromotionError as exc:
         if (adapter.get("spec") or {}).get("lifecycle") == "retired":
-            raise kopf.PermanentError(str(exc)) from None
-        raise kopf.TemporaryError(str(exc), delay=5) from None  # e.g. not verified yet
+            raise Refused(str(exc)) from None
+        raise Retry(str(exc)) from None  # e.g. not verified yet
     try:
-        manifest, _ = storage_for(adapter["spec"]["artifact"], namespace).read_manifest(target.manifest_uri)
+        storage = await rt.storage.get(namespace, (adapter.get("spec") or {}).get("artifact") or {})
+        manifest, _ = await rt.storage.run(lambda: storage.read_manifest(target.manifest_uri))
         folder = adapter_folder(target.manifest_uri, [f.path for f in manifest.files])
         target = AdapterTarget(target.name, target.manifest_uri, target.base_model, folder, target.generation)
     except StorageError:
@@ -347,36 +243,38 @@ def adapter_target(namespace: str, adapter_name: str) -> AdapterTarget:
     return target
 
 
-def _read_alias(namespace: str, run: str, alias: str) -> tuple[AliasState, bool]:
-    try:
-        cm = core().read_namespaced_config_map(alias_configmap_name(run, alias), namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return AliasState(alias, run), False
-        raise
-    return AliasState.from_configmap(api_client().sanitize_for_serialization(cm)), True
+def _read_alias(rt: Runtime, namespace: str, run: str, alias: str) -> tuple[AliasState, bool]:
+    cm = rt.caches.aliases.get((namespace, alias_configmap_name(run, alias)))
+    if cm is None:
+        return AliasState(alias, run), False
+    return AliasState.from_configmap(cm), True
 
 
-def _write_alias(namespace: str, state: AliasState, exists: bool) -> None:
+async def _write_alias(rt: Runtime, namespace: str, state: AliasState, exists: bool) -> None:
     body = state.configmap(namespace)
-    if exists:
-        core().replace_namespaced_config_map(body["metadata"]["name"], namespace, body)
-    else:
-        core().create_namespaced_config_map(namespace, body)
+    body.setdefault("kind", "ConfigMap")
+    body.setdefault("apiVersion", "v1")
+    written = await rt.kube.write_configmap(body, exists)
+    if written is not None:
+        rt.caches.put_alias(written)
 
 
-def promote(namespace: str, run: str, alias: str, adapter_name: str, now: datetime) -> None:
-    target = adapter_target(namespace, adapter_name)
-    state, exists = _read_alias(namespace, run, alias)
+async def promote(
+    rt: Runtime, namespace: str, run: str, alias: str, adapter_name: str, *, now: datetime
+) -> None:
+    target = await adapter_target(rt, namespace, adapter_name)
+    state, exists = _read_alias(rt, namespace, run, alias)
     if state.promote(target, now=cyc.rfc3339(now)) or not exists:
-        _write_alias(namespace, state, exists)
+        await _write_alias(rt, namespace, state, exists)
 
 
-def apply_alias_edit(cm: dict[str, Any]) -> None:
+async def apply_alias_edit(rt: Runtime, key: Key) -> None:
     """A user set an alias ConfigMap's data.adapter: validate, re-render the alias, and point the
     run's status (and the Adapters' alias mirror) at it; refuse and restore otherwise."""
-    body = cast(kopf.Body, cm)
-    namespace = str((cm.get("metadata") or {}).get("namespace", "default"))
+    cm = rt.caches.aliases.get(key)
+    if cm is None:
+        return
+    namespace = key[0]
     state = AliasState.from_configmap(cm)
     wanted = state.edited_to(cm)
     if wanted is None:
@@ -384,37 +282,29 @@ def apply_alias_edit(cm: dict[str, Any]) -> None:
     # from_configmap read the edited data.adapter; restore the last recorded target first.
     recorded = state.history[-1] if state.history else None
     try:
-        target = adapter_target(namespace, wanted)
+        target = await adapter_target(rt, namespace, wanted)
         state.rollback(target, now=cyc.rfc3339(_now()))
-    except (PromotionError, kopf.PermanentError) as exc:
-        emit(body, "Warning", "RollbackRefused", str(exc))
+    except (PromotionError, Refused, Retry) as exc:
+        await rt.kube.emit(cm, Event("Warning", "RollbackRefused", str(exc)))
         if recorded is not None:  # put the alias back where it really points
-            state.target = adapter_target(namespace, recorded.adapter)
-            _write_alias(namespace, state, True)
+            state.target = await adapter_target(rt, namespace, recorded.adapter)
+            await _write_alias(rt, namespace, state, True)
         return
-    _write_alias(namespace, state, True)
-    emit(body, "Normal", "RolledBack", f"alias {state.alias} -> {wanted}")
-    run = get_run(namespace, state.run)
+    await _write_alias(rt, namespace, state, True)
+    await rt.kube.emit(cm, Event("Normal", "RolledBack", f"alias {state.alias} -> {wanted}"))
+    run = rt.caches.runs.get((namespace, state.run))
     if run is None:
         return
     patch = actions.rolled_back_status(run.get("status") or {}, state.alias, wanted, _now())
-    custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, RUNS, state.run, {"status": patch}
-    )
-    sync_adapter_aliases(namespace)
+    await rt.write_status(RUN_PLURAL, (namespace, state.run), patch)
+    await sync_adapter_aliases(rt, namespace)
 
 
 # -- Adapter.status.aliases mirror -------------------------------------------------------------------
-def sync_adapter_aliases(namespace: str | None = None) -> None:
-    """Mirror the runs' status.aliases into each Adapter's status.aliases: one LIST of runs and
-    one of Adapters; writes only for Adapters whose list changed."""
-    runs = [r for r in list_objects(RUNS, namespace) if is_continual(r.get("spec") or {})]
+async def sync_adapter_aliases(rt: Runtime, namespace: str) -> None:
+    """Mirror the runs' status.aliases into each Adapter's status.aliases, from the caches;
+    writes only for Adapters whose list changed."""
+    runs = [r for r in rt.caches.runs_in(namespace) if is_continual(r.get("spec") or {})]
     mirror = actions.alias_mirror(runs)
-    for (ns, name), aliases in actions.alias_mirror_patches(list_objects(ADAPTERS, namespace), mirror):
-        try:
-            custom().patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, ADAPTERS, name, {"status": {"aliases": aliases}}
-            )
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing to mirror
-                raise
+    for (ns, name), aliases in actions.alias_mirror_patches(rt.caches.adapters_in(namespace), mirror):
+        await rt.write_status(ADAPTER_PLURAL, (ns, name), {"aliases": aliases})

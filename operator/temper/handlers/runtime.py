@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from temper import adapters as adapter_ctl
 from temper import metrics
+from temper.api.common import GROUP, VERSION
 from temper.api.contract import AdapterRef, StageProgress
 from temper.builders.contract import PARENT_ADAPTER_ANNOTATION
 from temper.builders.names import (
@@ -26,16 +27,24 @@ from temper.builders.names import (
     LABEL_RUN,
 )
 from temper.config import OperatorConfig
+from temper.continual.cycle import PARENT_LABEL
+from temper.handlers import adapter_lifecycle, continual_apply
+from temper.handlers.storage_clients import StorageClients
 from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube
 from temper.planner import Observed, ObservedAdapter, ObservedJob, Plan, RunningAttempt, plan
-from temper.storage import Storage, StorageError, make_client
+from temper.storage import StorageError
 
 log = logging.getLogger("temper.reconcile")
 
 Key = tuple[str, str]  # (namespace, name)
-Kind = Literal["run", "adapter", "progress"]
-CREDENTIALS_TTL = 300.0
+# run: a run's reconcile (caches in, API writes out; never S3). The others may wait on S3, so
+# they have their own lane: adapter (lifecycle, merge, verification), progress (polls),
+# continual (a continual run's cycle), alias (a user's edit of an alias ConfigMap).
+Kind = Literal["run", "adapter", "progress", "continual", "alias"]
+Lane = Literal["api", "storage"]
+STORAGE_KINDS = frozenset({"adapter", "progress", "continual", "alias"})
 STALLED_RETRY_SECONDS = 30.0
+RUN_API_VERSION = f"{GROUP}/{VERSION}"
 ERROR_RETRY_SECONDS = (1.0, 60.0)
 
 
@@ -59,6 +68,13 @@ def run_key_of(obj: dict[str, Any]) -> Key | None:
     return (meta.get("namespace", ""), name) if name else None
 
 
+def parent_of(run: dict[str, Any]) -> Key | None:
+    """The continual run a cycle's child run belongs to."""
+    meta = run.get("metadata") or {}
+    parent = (meta.get("labels") or {}).get(PARENT_LABEL)
+    return (meta.get("namespace", ""), parent) if parent else None
+
+
 def slim(obj: dict[str, Any], keep_spec: tuple[str, ...] = ()) -> dict[str, Any]:
     """What the planner reads, nothing more: managedFields and pod templates (which carry the
     whole stage contract) would otherwise dominate the operator's memory at 1,000 runs."""
@@ -73,6 +89,24 @@ def slim(obj: dict[str, Any], keep_spec: tuple[str, ...] = ()) -> dict[str, Any]
     }
 
 
+def _put(bucket: dict[str, dict[str, Any]], name: str, obj: dict[str, Any]) -> None:
+    if _rv(obj) >= _rv(bucket.get(name, {})):
+        bucket[name] = obj
+
+
+def _discard(index: dict[Any, Any], key: Any, member: str) -> None:
+    """Remove ``member`` from ``index[key]`` and the bucket itself once empty: caches shrink."""
+    bucket = index.get(key)
+    if bucket is None:
+        return
+    if isinstance(bucket, set):
+        bucket.discard(member)
+    else:
+        bucket.pop(member, None)
+    if not bucket:
+        del index[key]
+
+
 @dataclass
 class Caches:
     runs: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -81,15 +115,22 @@ class Caches:
     services: dict[Key, set[str]] = field(default_factory=dict)  # run -> names
     adapters: dict[Key, dict[str, Any]] = field(default_factory=dict)
     adapters_by_run: dict[Key, set[str]] = field(default_factory=dict)
+    children: dict[Key, set[str]] = field(default_factory=dict)  # continual run -> its cycles' runs
+    aliases: dict[Key, dict[str, Any]] = field(default_factory=dict)  # alias ConfigMaps
 
     def put_run(self, run: dict[str, Any]) -> None:
         run = {
+            "apiVersion": RUN_API_VERSION,
+            "kind": "PostTrainingRun",  # LIST items carry no kind
             **run,
             "metadata": {k: v for k, v in (run.get("metadata") or {}).items() if k != "managedFields"},
         }
         key = _key(run)
         if _rv(run) >= _rv(self.runs.get(key, {})):
             self.runs[key] = run
+        parent = parent_of(run)
+        if parent is not None:
+            self.children.setdefault(parent, set()).add(key[1])
 
     def put_job(self, job: dict[str, Any], deleted: bool = False) -> Key | None:
         job = slim(job, ("suspend",))
@@ -97,12 +138,11 @@ class Caches:
         if key is None:
             return None
         name = job["metadata"]["name"]
-        bucket = self.jobs.setdefault(key, {})
         if deleted:
-            bucket.pop(name, None)
+            _discard(self.jobs, key, name)
             self.pods.pop((key[0], name), None)
-        elif _rv(job) >= _rv(bucket.get(name, {})):
-            bucket[name] = job
+        else:
+            _put(self.jobs.setdefault(key, {}), name, job)
         return key
 
     def put_pod(self, pod: dict[str, Any], deleted: bool = False) -> Key | None:
@@ -111,30 +151,33 @@ class Caches:
         job = (meta.get("labels") or {}).get(JOB_NAME_LABEL)
         if not job:
             return None
-        bucket = self.pods.setdefault((meta.get("namespace", ""), job), {})
+        where = (meta.get("namespace", ""), job)
         if deleted:
-            bucket.pop(meta["name"], None)
-        elif _rv(pod) >= _rv(bucket.get(meta["name"], {})):
-            bucket[meta["name"]] = pod
+            _discard(self.pods, where, meta["name"])
+        else:
+            _put(self.pods.setdefault(where, {}), meta["name"], pod)
         return run_key_of(pod)
 
     def put_service(self, svc: dict[str, Any], deleted: bool = False) -> Key | None:
         key = run_key_of(svc)
         if key is not None:
-            names = self.services.setdefault(key, set())
-            (names.discard if deleted else names.add)(svc["metadata"]["name"])
+            if deleted:
+                _discard(self.services, key, svc["metadata"]["name"])
+            else:
+                self.services.setdefault(key, set()).add(svc["metadata"]["name"])
         return key
 
     def put_adapter(self, adapter: dict[str, Any], deleted: bool = False) -> Key | None:
         adapter = slim(
             adapter, ("artifact", "method", "lifecycle", "merge", "baseModel", "task", "retention")
         )
+        adapter["apiVersion"], adapter["kind"] = RUN_API_VERSION, "Adapter"
         key = _key(adapter)
         run = run_key_of(adapter)
         if deleted:
             self.adapters.pop(key, None)
             if run is not None:
-                self.adapters_by_run.get(run, set()).discard(key[1])
+                _discard(self.adapters_by_run, run, key[1])
             return run
         if _rv(adapter) >= _rv(self.adapters.get(key, {})):
             self.adapters[key] = adapter
@@ -142,12 +185,33 @@ class Caches:
             self.adapters_by_run.setdefault(run, set()).add(key[1])
         return run
 
+    def put_alias(self, cm: dict[str, Any], deleted: bool = False) -> Key:
+        key = _key(cm)
+        if deleted:
+            self.aliases.pop(key, None)
+        elif _rv(cm) >= _rv(self.aliases.get(key, {})):
+            self.aliases[key] = slim(cm) | {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "data": cm.get("data") or {},
+            }
+        return key
+
     def drop_run(self, key: Key) -> None:
-        self.runs.pop(key, None)
+        run = self.runs.pop(key, None)
         for job in self.jobs.pop(key, {}):
             self.pods.pop((key[0], job), None)
         self.services.pop(key, None)
         self.adapters_by_run.pop(key, None)
+        parent = parent_of(run) if run is not None else None
+        if parent is not None:
+            _discard(self.children, parent, key[1])
+
+    def runs_in(self, namespace: str) -> list[dict[str, Any]]:
+        return [r for (ns, _), r in self.runs.items() if ns == namespace]
+
+    def adapters_in(self, namespace: str) -> list[dict[str, Any]]:
+        return [a for (ns, _), a in self.adapters.items() if ns == namespace]
 
 
 class Runtime:
@@ -155,8 +219,12 @@ class Runtime:
         self.kube = kube
         self.config = config
         self.caches = Caches()
+        self.storage = StorageClients(kube, config)
         # Priority 0: runs never reconciled (apply -> first Job latency); 1: everything else.
-        self.queue: asyncio.PriorityQueue[tuple[int, int, tuple[Kind, Key]]] = asyncio.PriorityQueue()
+        self.queues: dict[Lane, asyncio.PriorityQueue[tuple[int, int, tuple[Kind, Key]]]] = {
+            "api": asyncio.PriorityQueue(),
+            "storage": asyncio.PriorityQueue(),
+        }
         self.seq = 0
         self.queued: set[tuple[Kind, Key]] = set()
         self.active: set[tuple[Kind, Key]] = set()
@@ -165,7 +233,6 @@ class Runtime:
         self.failures: dict[tuple[Kind, Key], int] = {}
         self.running: dict[Key, RunningAttempt] = {}
         self.progress: dict[Key, tuple[tuple[str, int], StageProgress]] = {}
-        self.storages: dict[tuple[str, ...], tuple[float, Storage]] = {}
         self.started = False
         self.workers: list[asyncio.Task[None]] = []
 
@@ -186,38 +253,83 @@ class Runtime:
         elif item not in self.queued:
             self.queued.add(item)
             self.seq += 1
-            self.queue.put_nowait((0 if urgent else 1, self.seq, item))
+            lane: Lane = "storage" if kind in STORAGE_KINDS else "api"
+            self.queues[lane].put_nowait((0 if urgent else 1, self.seq, item))
 
     def _fire(self, item: tuple[Kind, Key]) -> None:
         self.timers.pop(item, None)
         self.enqueue(*item)
 
+    async def write_status(
+        self,
+        plural: str,
+        key: Key,
+        desired: dict[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any] | None:
+        """The one status writer: patch what differs from the cached object, cache what the
+        apiserver answered; the cached object afterwards (None if it is not cached)."""
+        cache = self.caches.runs if plural == RUN_PLURAL else self.caches.adapters
+        current = (cache.get(key) or {}).get("status")
+        written = await self.kube.patch_status(
+            plural, key[0], key[1], desired, current, resource_version=resource_version
+        )
+        if written is not None:
+            (self.caches.put_run if plural == RUN_PLURAL else self.caches.put_adapter)(written)
+        return cache.get(key)
+
+    def forget(self, kinds: tuple[Kind, ...], key: Key) -> None:
+        """Drop a deleted object's timers and failure counts: nothing outlives the object."""
+        for kind in kinds:
+            handle = self.timers.pop((kind, key), None)
+            if handle is not None:
+                handle.cancel()
+            self.failures.pop((kind, key), None)
+
     def start(self) -> None:
         self.started = True
-        self.workers = [asyncio.create_task(self._worker()) for _ in range(self.config.workers)]
+        self.workers = [asyncio.create_task(self._worker("api")) for _ in range(self.config.workers)]
+        self.workers += [
+            asyncio.create_task(self._worker("storage")) for _ in range(self.config.storage_workers)
+        ]
 
     async def stop(self) -> None:
         for task in self.workers:
             task.cancel()
         for handle in self.timers.values():
             handle.cancel()
+        self.storage.close()
 
-    async def _worker(self) -> None:
+    async def _dispatch(self, kind: Kind, key: Key) -> None:
+        if kind == "run":
+            await self.reconcile_run(key)
+        elif kind == "adapter":
+            await self.reconcile_adapter(key)
+        elif kind == "progress":
+            await self.poll_progress(key)
+        elif kind == "continual":
+            await continual_apply.reconcile_continual(self, key)
+        else:
+            await continual_apply.apply_alias_edit(self, key)
+
+    async def _worker(self, lane: Lane) -> None:
+        queue = self.queues[lane]
         while True:
-            _, _, item = await self.queue.get()
+            _, _, item = await queue.get()
             self.queued.discard(item)
             self.active.add(item)
             kind, key = item
             try:
-                if kind == "run":
-                    await self.reconcile_run(key)
-                elif kind == "adapter":
-                    await self.reconcile_adapter(key)
-                else:
-                    await self.poll_progress(key)
+                await self._dispatch(kind, key)
                 self.failures.pop(item, None)
             except asyncio.CancelledError:
                 raise
+            except continual_apply.Retry as exc:
+                log.info("%s %s/%s waits: %s", kind, *key, exc)
+                self.enqueue(kind, key, exc.delay)
+            except continual_apply.Refused as exc:
+                log.warning("%s %s/%s refused until it changes: %s", kind, *key, exc)
             except Exception as exc:
                 n = self.failures.get(item, 0) + 1
                 self.failures[item] = n
@@ -271,7 +383,7 @@ class Runtime:
     async def reconcile_run(self, key: Key) -> None:
         run = self.caches.runs.get(key)
         # A continual run is a template (like a CronJob): its cycles are child runs, planned by
-        # temper.handlers.continual; running its stages here would train on placeholder data.
+        # temper.handlers.continual_apply; running its stages here would train on placeholder data.
         if run is None or (run.get("spec") or {}).get("continual"):
             return
         started = time.perf_counter()
@@ -303,9 +415,7 @@ class Runtime:
         for event in p.events:
             await self.kube.emit(run, event)
         if p.status:
-            written = await self.kube.patch_status(RUN_PLURAL, ns, name, p.status, run.get("status"))
-            if written is not None:
-                self.caches.put_run(written)
+            await self.write_status(RUN_PLURAL, key, p.status)
         for t in p.transitions:
             metrics.STAGE_DURATION.labels(t.stage_type, t.result).observe(t.duration_seconds)
             if t.result == "Failed":
@@ -337,38 +447,25 @@ class Runtime:
 
     def forget_run(self, key: Key) -> None:
         self.caches.drop_run(key)
+        self.forget(("run", "progress", "continual"), key)
         self.running.pop(key, None)
         self.progress.pop(key, None)
         metrics.RUN_TALLY.drop(key)
         metrics.set_progress(key[0], key[1], None, None)
 
     # -- progress ---------------------------------------------------------------------------
-    async def storage_for(self, namespace: str, spec: dict[str, Any]) -> Storage:
-        secret = (spec.get("secretRef") or {}).get("name") or self.config.default_storage_secret or ""
-        endpoint = spec.get("endpointUrl") or self.config.default_storage_endpoint or ""
-        cache_key = (namespace, secret, endpoint, spec.get("region") or "", spec.get("addressingStyle") or "")
-        cached = self.storages.get(cache_key)
-        if cached is not None and time.monotonic() - cached[0] < CREDENTIALS_TTL:
-            return cached[1]
-        credentials = await self.kube.storage_credentials(namespace, secret) if secret else None
-        config = adapter_ctl.storage_config(spec, self.config.default_storage_endpoint)
-        storage = await asyncio.to_thread(lambda: Storage(config, make_client(config, credentials)))
-        # A named Secret that is missing (or lacks keys) must be looked up again on the next call:
-        # once someone creates it, verification must not keep using a credential-less client.
-        if credentials is not None or not secret:
-            self.storages[cache_key] = (time.monotonic(), storage)
-        return storage
-
     async def poll_progress(self, key: Key) -> None:
         running = self.running.get(key)
         run = self.caches.runs.get(key)
         if running is None or run is None:
             return
+        options = (run.get("spec") or {}).get("storage") or {}
         try:
-            storage = await self.storage_for(key[0], (run.get("spec") or {}).get("storage") or {})
-            raw = await asyncio.to_thread(storage.get_bytes, running.progress_uri)
+            storage = await self.storage.get(key[0], options)
+            raw = await self.storage.run(lambda: storage.get_bytes(running.progress_uri))
             progress: StageProgress | None = StageProgress.model_validate(json.loads(raw))
-        except (StorageError, ValueError):
+        except (StorageError, ValueError) as exc:
+            self.storage.refused(key[0], options, str(exc))
             progress = None  # not written yet, or unreadable: keep the last known value
         except Exception as exc:  # e.g. no credentials, endpoint down: progress is best-effort
             log.debug("progress of %s/%s unreadable: %s", *key, type(exc).__name__)
@@ -384,6 +481,7 @@ class Runtime:
 
     # -- adapters ---------------------------------------------------------------------------
     async def reconcile_adapter(self, key: Key) -> None:
+        """Lifecycle (finalizer, retirement, merge) first, then verification when it is due."""
         adapter = self.caches.adapters.get(key)
         if adapter is None:
             return
@@ -395,17 +493,22 @@ class Runtime:
         metrics.ADAPTER_TALLY.set(
             key, spec.get("lifecycle", "active"), str(ready.get("status") == "True").lower()
         )
-        if not adapter_ctl.needs_verification(adapter):
-            return
         started = time.perf_counter()
         try:
-            storage = await self.storage_for(key[0], spec.get("artifact") or {})
-            result = await asyncio.to_thread(adapter_ctl.verify, adapter, storage)
+            adapter = await adapter_lifecycle.reconcile(self, key, adapter)
+            if adapter is None or not adapter_ctl.needs_verification(adapter):
+                return
+            status = adapter.get("status") or {}
+            storage = await self.storage.get(key[0], spec.get("artifact") or {})
+            result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
+            self.storage.refused(key[0], spec.get("artifact") or {}, "; ".join(result.problems))
             desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
-            written = await self.kube.patch_status(ADAPTER_PLURAL, key[0], key[1], desired, status)
-            if written is not None:
-                self.caches.put_adapter(written)
+            await self.write_status(ADAPTER_PLURAL, key, desired)
             if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):
                 self.enqueue("adapter", key, STALLED_RETRY_SECONDS)
         finally:
             metrics.RECONCILE_DURATION.labels("Adapter").observe(time.perf_counter() - started)
+
+    def forget_adapter(self, key: Key) -> None:
+        self.forget(("adapter",), key)
+        metrics.ADAPTER_TALLY.drop(key)

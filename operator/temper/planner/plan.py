@@ -227,297 +227,391 @@ def backoff_seconds(base: int, attempt: int, cap: int) -> float:
     return float(min(cap, base * (2 ** max(0, attempt - 1))))
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """What every stage decision reads: the validated run and this pass's observations."""
+
+    run: PostTrainingRun
+    observed: Observed
+    now: datetime
+    config: OperatorConfig
+
+    @property
+    def spec(self) -> Any:
+        return self.run.spec
+
+    @property
+    def name(self) -> str:
+        return str(self.run.metadata["name"])
+
+    @property
+    def uid(self) -> str:
+        return str(self.run.metadata.get("uid") or "")
+
+
+@dataclass
+class _StageResult:
+    """One stage's decision: its status view and the actions it asks for."""
+
+    view: _StageView
+    create: list[dict[str, Any]] = field(default_factory=list)
+    job_patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    transitions: list[StageTransition] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)
+    failed_attempts: list[tuple[str, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue: float | None = None
+    blocked: tuple[str, str] | None = None  # (reason, message) of a trainer pod that cannot start
+    stalled: str | None = None  # an unresolved reference
+    drift: bool = False  # the running attempt's contract differs from the spec's
+    running: bool = False  # this stage is the one running
+    next_attempt: int | None = None
+    last_failure: str | None = None
+
+
+@dataclass
+class _Walk:
+    """All stages, in order, as far as the chain gets."""
+
+    results: list[_StageResult] = field(default_factory=list)
+    failed: _StageView | None = None
+
+    @property
+    def views(self) -> list[_StageView]:
+        return [r.view for r in self.results]
+
+    @property
+    def running(self) -> _StageView | None:
+        return next((r.view for r in reversed(self.results) if r.running), None)
+
+    def first(self, attr: str) -> Any:
+        return next((getattr(r, attr) for r in self.results if getattr(r, attr) is not None), None)
+
+
 def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: OperatorConfig) -> Plan:
+    """The whole decision of one reconcile: validate, walk the stage chain, sum it up."""
     meta = run_obj.get("metadata") or {}
-    generation = int(meta.get("generation") or 0)
+    if meta.get("deletionTimestamp"):
+        return Plan()  # garbage collection deletes the Jobs; nothing to write
     prev_status = run_obj.get("status") or {}
     prev_conditions = {c["type"]: c for c in prev_status.get("conditions") or [] if "type" in c}
-    out = Plan()
-    foreign = [c for t, c in prev_conditions.items() if t not in OWNED_CONDITIONS]
-
-    def finish(
-        phase: str,
-        conds: list[tuple[str, str, str, str]],
-        stages: list[dict[str, Any]] | None,
-        progress: dict[str, Any] | None,
-    ) -> Plan:
-        out.phase = phase
-        conditions = [_condition(prev_conditions, t, s, r, m, generation, now) for t, s, r, m in conds]
-        out.status = {
-            "observedGeneration": generation,
-            "phase": phase,
-            "conditions": conditions + foreign,
-            "stages": stages if stages is not None else prev_status.get("stages", []),
-            "progress": progress,
-            "currentCycle": observed.cycle,
-        }
-        if phase != prev_status.get("phase") and phase in ("Succeeded", "Failed", "Suspended"):
-            kind: EventType = "Warning" if phase == "Failed" else "Normal"
-            message = next((m for t, s, _, m in conds if t == common.READY), "")
-            out.events.append(Event(kind, f"Run{phase}", message))
-        elif prev_status.get("phase") == "Suspended" and phase != "Suspended":
-            out.events.append(Event("Normal", "RunResumed", "run resumed"))
-        return out
-
-    if meta.get("deletionTimestamp"):
-        return out  # garbage collection deletes the Jobs; nothing to write
     try:
         run = PostTrainingRun.model_validate({"metadata": meta, "spec": run_obj.get("spec") or {}})
     except ValidationError as exc:
         message = f"invalid spec: {_validation_message(exc)}"
+        events = []
         if prev_conditions.get(common.STALLED, {}).get("message") != message:
-            out.events.append(Event("Warning", "InvalidSpec", message))
-        return finish("Pending", _run_conditions("stalled", "InvalidSpec", message), None, None)
-
+            events.append(Event("Warning", "InvalidSpec", message))
+        conds = _run_conditions("stalled", "InvalidSpec", message)
+        return _finish(run_obj, observed, now, Plan(events=events), ("Pending", conds, None, None))
     violations = _policy_violations(run, config)
     if violations:
         message = f"platform policy: {'; '.join(violations)}"
+        events = []
         if prev_conditions.get(common.STALLED, {}).get("message") != message:
-            out.events.append(Event("Warning", "PolicyViolation", message))
-        return finish("Pending", _run_conditions("stalled", "PolicyViolation", message), None, None)
+            events.append(Event("Warning", "PolicyViolation", message))
+        conds = _run_conditions("stalled", "PolicyViolation", message)
+        return _finish(run_obj, observed, now, Plan(events=events), ("Pending", conds, None, None))
+    ctx = _Ctx(run, observed, now, config)
+    walk = _walk(ctx, prev_status)
+    out = Plan()
+    for r in walk.results:
+        out.create += r.create
+        out.job_patches += r.job_patches
+        out.transitions += r.transitions
+        out.retries += r.retries
+        out.failed_attempts += r.failed_attempts
+        out.events += r.events
+    requeues = [r.requeue for r in walk.results if r.requeue is not None]
+    out.requeue_after = min(requeues) if requeues else None
+    out.running = _running_attempt(ctx, walk.running)
+    return _finish(run_obj, observed, now, out, _outcome(ctx, walk, prev_status, prev_conditions, out))
 
-    spec = run.spec
-    cycle = observed.cycle
-    name = meta["name"]
-    uid = meta.get("uid", "")
-    suspend = spec.suspend
+
+def _finish(
+    run_obj: dict[str, Any],
+    observed: Observed,
+    now: datetime,
+    out: Plan,
+    outcome: tuple[str, list[tuple[str, str, str, str]], list[dict[str, Any]] | None, dict[str, Any] | None],
+) -> Plan:
+    """The complete status for ``outcome`` (phase, conditions, stages, progress), and run events."""
+    phase, conds, stages, progress = outcome
+    meta = run_obj.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
+    prev_status = run_obj.get("status") or {}
+    prev_conditions = {c["type"]: c for c in prev_status.get("conditions") or [] if "type" in c}
+    foreign = [c for t, c in prev_conditions.items() if t not in OWNED_CONDITIONS]
+    conditions = [_condition(prev_conditions, t, st, r, m, generation, now) for t, st, r, m in conds]
+    out.phase = phase
+    out.status = {
+        "observedGeneration": generation,
+        "phase": phase,
+        "conditions": conditions + foreign,
+        "stages": stages if stages is not None else prev_status.get("stages", []),
+        "progress": progress,
+        "currentCycle": observed.cycle,
+    }
+    if phase != prev_status.get("phase") and phase in ("Succeeded", "Failed", "Suspended"):
+        kind: EventType = "Warning" if phase == "Failed" else "Normal"
+        message = next((m for t, _, _, m in conds if t == common.READY), "")
+        out.events.append(Event(kind, f"Run{phase}", message))
+    elif prev_status.get("phase") == "Suspended" and phase != "Suspended":
+        out.events.append(Event("Normal", "RunResumed", "run resumed"))
+    return out
+
+
+def _walk(ctx: _Ctx, prev_status: dict[str, Any]) -> _Walk:
+    """Stages in list order: each waits for the one before it; after a failure the rest skip."""
     jobs_by_stage: dict[str, list[ObservedJob]] = {}
-    for seen in observed.jobs:
-        if seen.cycle == cycle:
+    for seen in ctx.observed.jobs:
+        if seen.cycle == ctx.observed.cycle:
             jobs_by_stage.setdefault(seen.stage, []).append(seen)
     prev_stages = {s.get("name"): s for s in prev_status.get("stages") or []}
-    views: list[_StageView] = []
     outputs: dict[str, AdapterRef] = {}
+    walk = _Walk()
     blocked_by: str | None = None  # first stage not Succeeded: later stages wait
-    failed: _StageView | None = None
-    stalled: str | None = None
-    blocked: tuple[str, str] | None = None  # (reason, message) of a trainer pod that cannot start
-    drift: list[str] = []
-    running_view: _StageView | None = None
-    requeue: list[float] = []
-
-    for stage in spec.stages:
-        view = _StageView(stage)
-        views.append(view)
+    for stage in ctx.spec.stages:
         prev = prev_stages.get(stage.name) or {}
-        view.metrics = dict(prev.get("metrics") or {})
-        jobs = sorted(jobs_by_stage.get(stage.name, []), key=lambda j: j.attempt)
-        prefix = output_prefix(spec.storage.uri, stage.name, cycle)
-        if failed is not None:
-            view.state = "Skipped"
-            view.message = f"stage {failed.stage.name} failed"
-            continue
-        if blocked_by is not None:
-            view.message = f"waiting for stage {blocked_by}"
-            continue
-        if jobs:
-            latest = jobs[-1]
-            view.job = latest.name
-            view.attempts = latest.attempt
-            view.start = min((j.created for j in jobs if j.created), default=None)
-        last_failure: str | None = None
-        retries = stage.retries.max_retries if stage.retries else 2
-        base_backoff = stage.retries.backoff_seconds if stage.retries else 30
-        next_attempt: int | None = None
-        if not jobs:
-            next_attempt = 1
-        else:
-            latest = jobs[-1]
-            if latest.outcome is None or latest.deleting:
-                if latest.suspended:
-                    view.state = "Suspended" if suspend else "Pending"
-                    view.message = (
-                        "suspended"
-                        if suspend
-                        else ("waiting for Kueue admission" if spec.queue_name else "resuming")
-                    )
-                elif latest.waiting_reason:
-                    # The Job stays active but its pod cannot start until someone fixes the cluster.
-                    view.state = "Pending"
-                    view.message = f"attempt {latest.attempt} blocked: {_pod_detail(latest)}"
-                    blocked = blocked or (_blocked_reason(latest), f"stage {stage.name}: {view.message}")
-                else:
-                    view.state = "Running"
-                    view.message = f"attempt {latest.attempt} running"
-                    running_view = view
-                if latest.disruptions:
-                    view.message = (
-                        f"{view.message}; preempted {latest.disruptions}x (not counted as failures)"
-                    )
-                # Suspend and resume act on the Job itself; Kueue unsuspends queued Jobs on admission.
-                if suspend and not latest.suspended:
-                    out.job_patches.append((latest.name, {"spec": {"suspend": True}}))
-                elif not suspend and latest.suspended and not spec.queue_name:
-                    out.job_patches.append((latest.name, {"spec": {"suspend": False}}))
-                try:
-                    running_contract = stage_contract(
-                        run,
-                        stage,
-                        cycle=cycle,
-                        attempt=latest.attempt,
-                        config=config,
-                        stage_outputs=outputs,
-                        adapters=observed.external_adapters,
-                    )
-                    if latest.spec_hash and spec_hash(running_contract) != latest.spec_hash:
-                        drift.append(stage.name)
-                except UnresolvedReference:
-                    pass
-            elif latest.outcome == "Complete":
-                if latest.result is not None:
-                    view.metrics = dict(latest.result.metrics)
-                published = latest.result.manifest_uri if latest.result is not None else None
-                if published is None and (latest.result is None and stage.type != "eval"):
-                    published = manifest_uri(prefix)  # pod gone: the manifest's location is deterministic
-                if published is None:
-                    view.state = "Succeeded"
-                    view.completion = latest.finished
-                else:
-                    view.manifest = published
-                    aname = adapter_name(name, stage.name, cycle)
-                    view.adapter = aname
-                    adapter = observed.adapters.get(aname)
-                    if adapter is None:
-                        parent_ref = outputs.get(stage.from_) if stage.from_ else None
-                        parent = parent_ref.name if parent_ref is not None else None
-                        out.create.append(
-                            build_adapter(run, stage, cycle=cycle, manifest_uri=published, parent=parent)
-                        )
-                        view.state = "Running"
-                        view.message = f"publishing Adapter {aname}"
-                    elif uid and adapter.run_uid and adapter.run_uid != uid:
-                        view.state = "Failed"
-                        view.message = f"Adapter {aname} already exists and belongs to another run"
-                    elif adapter.ready == "True":
-                        view.state = "Succeeded"
-                        view.completion = latest.finished
-                        view.output = adapter.ref()
-                        outputs[stage.name] = view.output
-                    elif adapter.ready == "False" and adapter.reason not in NOT_A_VERDICT:
-                        view.state = "Failed"
-                        view.message = (
-                            f"Adapter {aname} failed verification: {adapter.reason}: {adapter.message}"
-                        )
-                    else:
-                        view.state = "Running"
-                        view.message = f"verifying Adapter {aname}"
-                    if view.state == "Failed":
-                        view.completion = latest.finished
-            else:  # Failed
-                reason = latest.reason or "Failed"
-                pod_detail = _pod_detail(latest)
-                detail = (
-                    latest.result.error
-                    if latest.result is not None and latest.result.error
-                    else pod_detail or latest.message
-                )
-                why = f"attempt {latest.attempt} failed: {reason}" + (f" ({detail})" if detail else "")
-                if reason in NON_RETRYABLE_REASONS:
-                    view.state = "Failed"
-                    view.message = f"{why}; not retryable (exit code {latest.exit_code})"
-                    view.completion = latest.finished
-                elif latest.attempt > retries:
-                    view.state = "Failed"
-                    view.message = f"{why}; retries exhausted ({retries} max)"
-                    view.completion = latest.finished
-                else:
-                    delay = backoff_seconds(base_backoff, latest.attempt, config.backoff_cap_seconds)
-                    due = (latest.finished or now).timestamp() + delay
-                    wait = due - now.timestamp()
-                    if wait <= 0:
-                        next_attempt = latest.attempt + 1
-                    else:
-                        view.state = "Running"
-                        view.message = f"{why}; retry {latest.attempt} of {retries} in {wait:.0f}s"
-                        requeue.append(wait)
-                        if pod_detail:  # the pod never started: retrying alone will not fix that
-                            view.state = "Pending"
-                            blocked = blocked or (
-                                _blocked_reason(latest),
-                                f"stage {stage.name}: {view.message}",
-                            )
-                last_failure = reason
-                view.cause = _failure_cause(latest)
-                if view.state == "Failed" and prev.get("state") != "Failed":
-                    out.transitions.append(_transition(stage, "Failed", jobs, latest, reason))
-            if view.state == "Succeeded" and prev.get("state") != "Succeeded":
-                out.transitions.append(_transition(stage, "Succeeded", jobs, latest, ""))
-        if next_attempt is not None:
-            if suspend:
-                view.state = "Suspended" if jobs else "Pending"
-                view.message = "run suspended"
+        if walk.failed is not None or blocked_by is not None:
+            result = _StageResult(_StageView(stage, metrics=dict(prev.get("metrics") or {})))
+            if walk.failed is not None:
+                result.view.state = "Skipped"
+                result.view.message = f"stage {walk.failed.stage.name} failed"
             else:
-                try:
-                    contract = stage_contract(
-                        run,
-                        stage,
-                        cycle=cycle,
-                        attempt=next_attempt,
-                        config=config,
-                        stage_outputs=outputs,
-                        adapters=observed.external_adapters,
-                    )
-                    job = build_job(
-                        run,
-                        stage,
-                        contract,
-                        cycle=cycle,
-                        attempt=next_attempt,
-                        suspend=bool(spec.queue_name),
-                        config=config,
-                    )
-                except UnresolvedReference as exc:
-                    stalled = str(exc)
-                    view.message = stalled
-                else:
-                    nodes = stage.resources.nodes if stage.resources else 1
-                    network = trainer_network_policy(
-                        run, config.trainer_network, config.trainer_metrics_port, owner_reference(run)
-                    )
-                    if network is not None:  # created with the run's first Job; 409s after
-                        out.create.append(network)
-                    if nodes > 1 and service_name(job["metadata"]["name"]) not in observed.services:
-                        out.create.append(build_service(run, job, config))
-                    out.create.append(job)
-                    view.job = job["metadata"]["name"]
-                    view.attempts = next_attempt
-                    view.start = view.start or now
-                    view.state = "Pending" if spec.queue_name else "Running"
-                    # Same words as the next pass will derive from the observed Job: no second status write.
-                    view.message = (
-                        "waiting for Kueue admission"
-                        if spec.queue_name
-                        else f"attempt {next_attempt} running"
-                    )
-                    if next_attempt > 1:
-                        out.retries.append(stage.type)
-                        out.failed_attempts.append((stage.type, last_failure or "Failed"))
-                    if not spec.queue_name:
-                        running_view = view
-        if view.state == "Failed":
-            failed = view
-        elif view.state != "Succeeded":
-            blocked_by = stage.name
-        _stage_events(out, prev, view)
+                result.view.message = f"waiting for stage {blocked_by}"
+        else:
+            jobs = sorted(jobs_by_stage.get(stage.name, []), key=lambda j: j.attempt)
+            result = _plan_stage(ctx, stage, jobs, prev, outputs)
+            if result.view.state == "Failed":
+                walk.failed = result.view
+            elif result.view.state != "Succeeded":
+                blocked_by = stage.name
+            result.events += _stage_events(prev, result.view)
+        walk.results.append(result)
+    return walk
 
-    total = len(views)
-    done = sum(1 for v in views if v.state == "Succeeded")
-    stages_status = [v.status() for v in views]
-    progress = _progress(observed, running_view, prev_status.get("progress"), done, total)
-    if running_view is not None:
-        out.running = RunningAttempt(
-            running_view.stage.name,
-            running_view.attempts,
-            progress_uri(
-                output_prefix(spec.storage.uri, running_view.stage.name, cycle), running_view.attempts
-            ),
+
+def _plan_stage(
+    ctx: _Ctx, stage: Stage, jobs: list[ObservedJob], prev: dict[str, Any], outputs: dict[str, AdapterRef]
+) -> _StageResult:
+    """One stage of the chain, by the state of its latest attempt's Job."""
+    view = _StageView(stage, metrics=dict(prev.get("metrics") or {}))
+    result = _StageResult(view)
+    if not jobs:
+        result.next_attempt = 1
+    else:
+        latest = jobs[-1]
+        view.job, view.attempts = latest.name, latest.attempt
+        view.start = min((j.created for j in jobs if j.created), default=None)
+        if latest.outcome is None or latest.deleting:
+            _active_attempt(ctx, stage, latest, outputs, result)
+        elif latest.outcome == "Complete":
+            _completed_attempt(ctx, stage, latest, outputs, result)
+        else:
+            _failed_attempt(ctx, stage, jobs, latest, result, prev=prev)
+        if view.state == "Succeeded" and prev.get("state") != "Succeeded":
+            result.transitions.append(_transition(stage, "Succeeded", jobs, latest, ""))
+    if result.next_attempt is not None:
+        _next_attempt(ctx, stage, jobs, outputs, result)
+    return result
+
+
+def _active_attempt(
+    ctx: _Ctx, stage: Stage, latest: ObservedJob, outputs: dict[str, AdapterRef], result: _StageResult
+) -> None:
+    """The latest Job is still active (or being deleted): queued, blocked, suspended or running."""
+    view, spec = result.view, ctx.spec
+    if latest.suspended:
+        view.state = "Suspended" if spec.suspend else "Pending"
+        view.message = (
+            "suspended"
+            if spec.suspend
+            else ("waiting for Kueue admission" if spec.queue_name else "resuming")
         )
-    if requeue:
-        out.requeue_after = min(requeue)
+    elif latest.waiting_reason:
+        # The Job stays active but its pod cannot start until someone fixes the cluster.
+        view.state = "Pending"
+        view.message = f"attempt {latest.attempt} blocked: {_pod_detail(latest)}"
+        result.blocked = (_blocked_reason(latest), f"stage {stage.name}: {view.message}")
+    else:
+        view.state = "Running"
+        view.message = f"attempt {latest.attempt} running"
+        result.running = True
+    if latest.disruptions:
+        view.message = f"{view.message}; preempted {latest.disruptions}x (not counted as failures)"
+    # Suspend and resume act on the Job itself; Kueue unsuspends queued Jobs on admission.
+    if spec.suspend and not latest.suspended:
+        result.job_patches.append((latest.name, {"spec": {"suspend": True}}))
+    elif not spec.suspend and latest.suspended and not spec.queue_name:
+        result.job_patches.append((latest.name, {"spec": {"suspend": False}}))
+    try:
+        contract = _contract(ctx, stage, latest.attempt, outputs)
+        result.drift = bool(latest.spec_hash) and spec_hash(contract) != latest.spec_hash
+    except UnresolvedReference:
+        pass
 
-    conds: list[tuple[str, str, str, str]] = []
+
+def _completed_attempt(
+    ctx: _Ctx, stage: Stage, latest: ObservedJob, outputs: dict[str, AdapterRef], result: _StageResult
+) -> None:
+    """The latest Job completed: the stage succeeds once its Adapter (if any) is verified Ready."""
+    view, cycle = result.view, ctx.observed.cycle
+    if latest.result is not None:
+        view.metrics = dict(latest.result.metrics)
+    published = latest.result.manifest_uri if latest.result is not None else None
+    if published is None and (latest.result is None and stage.type != "eval"):
+        # pod gone: the manifest's location is deterministic
+        published = manifest_uri(output_prefix(ctx.spec.storage.uri, stage.name, cycle))
+    if published is None:
+        view.state, view.completion = "Succeeded", latest.finished
+        return
+    view.manifest = published
+    aname = adapter_name(ctx.name, stage.name, cycle)
+    view.adapter = aname
+    adapter = ctx.observed.adapters.get(aname)
+    uid = ctx.uid
+    if adapter is None:
+        parent_ref = outputs.get(stage.from_) if stage.from_ else None
+        parent = parent_ref.name if parent_ref is not None else None
+        result.create.append(
+            build_adapter(ctx.run, stage, cycle=cycle, manifest_uri=published, parent=parent)
+        )
+        view.state, view.message = "Running", f"publishing Adapter {aname}"
+    elif uid and adapter.run_uid and adapter.run_uid != uid:
+        view.state, view.message = "Failed", f"Adapter {aname} already exists and belongs to another run"
+    elif adapter.ready == "True":
+        view.state, view.completion = "Succeeded", latest.finished
+        view.output = adapter.ref()
+        outputs[stage.name] = view.output
+    elif adapter.ready == "False" and adapter.reason not in NOT_A_VERDICT:
+        view.state = "Failed"
+        view.message = f"Adapter {aname} failed verification: {adapter.reason}: {adapter.message}"
+    else:
+        view.state, view.message = "Running", f"verifying Adapter {aname}"
+    if view.state == "Failed":
+        view.completion = latest.finished
+
+
+def _failed_attempt(
+    ctx: _Ctx,
+    stage: Stage,
+    jobs: list[ObservedJob],
+    latest: ObservedJob,
+    result: _StageResult,
+    *,
+    prev: dict[str, Any],
+) -> None:
+    """The latest Job failed: retry after a backoff, or fail the stage (not retryable, or out of retries)."""
+    view = result.view
+    retries = stage.retries.max_retries if stage.retries else 2
+    base_backoff = stage.retries.backoff_seconds if stage.retries else 30
+    reason = latest.reason or "Failed"
+    pod_detail = _pod_detail(latest)
+    detail = (
+        latest.result.error
+        if latest.result is not None and latest.result.error
+        else pod_detail or latest.message
+    )
+    why = f"attempt {latest.attempt} failed: {reason}" + (f" ({detail})" if detail else "")
+    if reason in NON_RETRYABLE_REASONS:
+        view.state, view.completion = "Failed", latest.finished
+        view.message = f"{why}; not retryable (exit code {latest.exit_code})"
+    elif latest.attempt > retries:
+        view.state, view.completion = "Failed", latest.finished
+        view.message = f"{why}; retries exhausted ({retries} max)"
+    else:
+        delay = backoff_seconds(base_backoff, latest.attempt, ctx.config.backoff_cap_seconds)
+        wait = (latest.finished or ctx.now).timestamp() + delay - ctx.now.timestamp()
+        if wait <= 0:
+            result.next_attempt = latest.attempt + 1
+        else:
+            view.state = "Running"
+            view.message = f"{why}; retry {latest.attempt} of {retries} in {wait:.0f}s"
+            result.requeue = wait
+            if pod_detail:  # the pod never started: retrying alone will not fix that
+                view.state = "Pending"
+                result.blocked = (_blocked_reason(latest), f"stage {stage.name}: {view.message}")
+    result.last_failure = reason
+    view.cause = _failure_cause(latest)
+    if view.state == "Failed" and prev.get("state") != "Failed":
+        result.transitions.append(_transition(stage, "Failed", jobs, latest, reason))
+
+
+def _next_attempt(
+    ctx: _Ctx, stage: Stage, jobs: list[ObservedJob], outputs: dict[str, AdapterRef], result: _StageResult
+) -> None:
+    """Create the stage's next attempt (its Job, and a Service for multi-node), unless suspended."""
+    view, spec, attempt = result.view, ctx.spec, result.next_attempt or 1
+    if spec.suspend:
+        view.state = "Suspended" if jobs else "Pending"
+        view.message = "run suspended"
+        return
+    try:
+        contract = _contract(ctx, stage, attempt, outputs)
+        job = build_job(
+            ctx.run,
+            stage,
+            contract,
+            cycle=ctx.observed.cycle,
+            attempt=attempt,
+            suspend=bool(spec.queue_name),
+            config=ctx.config,
+        )
+    except UnresolvedReference as exc:
+        result.stalled = view.message = str(exc)
+        return
+    network = trainer_network_policy(
+        ctx.run, ctx.config.trainer_network, ctx.config.trainer_metrics_port, owner_reference(ctx.run)
+    )
+    if network is not None:  # created with the run's first Job; 409s after
+        result.create.append(network)
+    nodes = stage.resources.nodes if stage.resources else 1
+    if nodes > 1 and service_name(job["metadata"]["name"]) not in ctx.observed.services:
+        result.create.append(build_service(ctx.run, job, ctx.config))
+    result.create.append(job)
+    view.job, view.attempts = job["metadata"]["name"], attempt
+    view.start = view.start or ctx.now
+    view.state = "Pending" if spec.queue_name else "Running"
+    # Same words as the next pass will derive from the observed Job: no second status write.
+    view.message = "waiting for Kueue admission" if spec.queue_name else f"attempt {attempt} running"
+    if attempt > 1:
+        result.retries.append(stage.type)
+        result.failed_attempts.append((stage.type, result.last_failure or "Failed"))
+    result.running = not spec.queue_name
+
+
+def _contract(ctx: _Ctx, stage: Stage, attempt: int, outputs: dict[str, AdapterRef]) -> Any:
+    return stage_contract(
+        ctx.run,
+        stage,
+        cycle=ctx.observed.cycle,
+        attempt=attempt,
+        config=ctx.config,
+        stage_outputs=outputs,
+        adapters=ctx.observed.external_adapters,
+    )
+
+
+def _running_attempt(ctx: _Ctx, running: _StageView | None) -> RunningAttempt | None:
+    if running is None:
+        return None
+    prefix = output_prefix(ctx.spec.storage.uri, running.stage.name, ctx.observed.cycle)
+    return RunningAttempt(running.stage.name, running.attempts, progress_uri(prefix, running.attempts))
+
+
+def _outcome(
+    ctx: _Ctx, walk: _Walk, prev_status: dict[str, Any], prev_conditions: dict[str, dict[str, Any]], out: Plan
+) -> tuple[str, list[tuple[str, str, str, str]], list[dict[str, Any]], dict[str, Any] | None]:
+    """The run's phase and conditions from its stages: failed, done, stalled, blocked, suspended, going."""
+    views = walk.views
+    total, done = len(views), sum(1 for v in views if v.state == "Succeeded")
+    stages = [v.status() for v in views]
+    progress = _progress(ctx.observed, walk.running, prev_status.get("progress"), done, total)
+    drift = [r.view.stage.name for r in walk.results if r.drift]
+    extra: list[tuple[str, str, str, str]] = []
     if drift:
-        conds.append(
+        extra.append(
             (
                 "SpecChangePending",
                 "True",
@@ -526,46 +620,44 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                 "started with; later attempts and stages use the new one",
             )
         )
-    if failed is not None:
-        msg = f"stage {failed.stage.name} failed: {failed.message}"
-        return finish(
+    if walk.failed is not None:
+        msg = f"stage {walk.failed.stage.name} failed: {walk.failed.message}"
+        return (
             "Failed",
-            [*_run_conditions("failed", "StageFailed", msg, failed.cause), *conds],
-            stages_status,
+            [*_run_conditions("failed", "StageFailed", msg, walk.failed.cause), *extra],
+            stages,
             progress,
         )
     if done == total:
         msg = f"all {total} stages succeeded"
-        return finish(
-            "Succeeded",
-            [*_run_conditions("succeeded", "Succeeded", msg), *conds],
-            stages_status,
-            {"percent": 100.0, "step": 0, "totalSteps": 0},
-        )
+        final = {"percent": 100.0, "step": 0, "totalSteps": 0}
+        return "Succeeded", [*_run_conditions("succeeded", "Succeeded", msg), *extra], stages, final
     current = next(v for v in views if v.state != "Succeeded")
+    stalled, blocked = walk.first("stalled"), walk.first("blocked")
     if stalled is not None:
-        return finish(
+        return (
             "Pending",
-            [*_run_conditions("stalled", "UnresolvedReference", stalled), *conds],
-            stages_status,
+            [*_run_conditions("stalled", "UnresolvedReference", stalled), *extra],
+            stages,
             progress,
         )
-    if blocked is not None and not suspend:
+    if blocked is not None and not ctx.spec.suspend:
         if prev_conditions.get(common.STALLED, {}).get("message") != blocked[1]:
             out.events.append(Event("Warning", blocked[0], blocked[1]))
-        return finish("Pending", [*_run_conditions("stalled", *blocked), *conds], stages_status, progress)
-    if suspend:
+        return "Pending", [*_run_conditions("stalled", *blocked), *extra], stages, progress
+    if ctx.spec.suspend:
         msg = f"suspended at stage {current.stage.name}"
-        return finish(
-            "Suspended", [*_run_conditions("suspended", "Suspended", msg), *conds], stages_status, progress
-        )
+        return "Suspended", [*_run_conditions("suspended", "Suspended", msg), *extra], stages, progress
     pct = f" {progress['percent']:.0f}%" if progress and current.state == "Running" else ""
     msg = f"stage {current.stage.name} {current.state.lower()}{pct}: {current.message or ''}".rstrip(": ")
-    phase = (
-        "Running" if (any(v.attempts for v in views) and current.state != "Pending") or done else "Pending"
-    )
+    going = (any(v.attempts for v in views) and current.state != "Pending") or done
     reason = "StageRunning" if current.state == "Running" else "StagePending"
-    return finish(phase, [*_run_conditions("progressing", reason, msg), *conds], stages_status, progress)
+    return (
+        "Running" if going else "Pending",
+        [*_run_conditions("progressing", reason, msg), *extra],
+        stages,
+        progress,
+    )
 
 
 def _transition(
@@ -580,27 +672,29 @@ def _transition(
     return StageTransition(stage.type, result, max(0.0, duration), reason)
 
 
-def _stage_events(out: Plan, prev: dict[str, Any], view: _StageView) -> None:
+def _stage_events(prev: dict[str, Any], view: _StageView) -> list[Event]:
     old_state, old_attempts = prev.get("state", "Pending"), int(prev.get("attempts") or 0)
     name = view.stage.name
+    events: list[Event] = []
     if view.attempts > old_attempts:
         if view.attempts == 1:
-            out.events.append(Event("Normal", "StageStarted", f"stage {name}: created Job {view.job}"))
+            events.append(Event("Normal", "StageStarted", f"stage {name}: created Job {view.job}"))
         else:
-            out.events.append(
+            events.append(
                 Event("Normal", "StageRetrying", f"stage {name}: attempt {view.attempts}, Job {view.job}")
             )
     if view.state == old_state:
-        return
+        return events
     if view.state == "Succeeded":
         detail = f", Adapter {view.adapter}" if view.adapter else ""
-        out.events.append(Event("Normal", "StageSucceeded", f"stage {name} succeeded{detail}"))
+        events.append(Event("Normal", "StageSucceeded", f"stage {name} succeeded{detail}"))
     elif view.state == "Failed":
-        out.events.append(Event("Warning", "StageFailed", f"stage {name}: {view.message}"))
+        events.append(Event("Warning", "StageFailed", f"stage {name}: {view.message}"))
     elif view.state == "Suspended":
-        out.events.append(Event("Normal", "StageSuspended", f"stage {name} suspended"))
+        events.append(Event("Normal", "StageSuspended", f"stage {name} suspended"))
     elif view.state == "Running" and old_state in ("Pending", "Suspended") and view.attempts <= old_attempts:
-        out.events.append(Event("Normal", "StageRunning", f"stage {name}: {view.message}"))
+        events.append(Event("Normal", "StageRunning", f"stage {name}: {view.message}"))
+    return events
 
 
 def _progress(
