@@ -127,6 +127,20 @@ class Kube:
             if exc.status != 404:  # gone already: nothing to suspend
                 raise
 
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods; gone already is success."""
+        try:
+            await self._call(
+                "delete",
+                "jobs",
+                lambda: self.batch.delete_namespaced_job(
+                    name, namespace, propagation_policy="Background", _preload_content=False
+                ),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     # -- status -----------------------------------------------------------------------------
     async def patch_status(
         self, plural: str, namespace: str, name: str, desired: dict[str, Any], current: dict[str, Any] | None

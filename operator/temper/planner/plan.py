@@ -25,7 +25,13 @@ from temper.builders import (
 )
 from temper.builders.names import adapter_name, manifest_uri, output_prefix, progress_uri, service_name
 from temper.config import OperatorConfig
-from temper.planner.observed import Observed, ObservedJob, format_time
+from temper.planner.observed import (
+    Observed,
+    ObservedJob,
+    format_time,
+    kueue_wait_message,
+    stage_reason,
+)
 
 EventType = Literal["Normal", "Warning"]
 OWNED_CONDITIONS = (*common.CONDITION_TYPES, "SpecChangePending")
@@ -68,6 +74,7 @@ class RunningAttempt:
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)  # in order: Services, Jobs, Adapters
     job_patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    job_deletes: list[str] = field(default_factory=list)  # suspended Kueue attempts
     status: dict[str, Any] = field(default_factory=dict)  # our fields of .status, complete
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
@@ -311,7 +318,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                     view.message = (
                         "suspended"
                         if suspend
-                        else ("waiting for Kueue admission" if spec.queue_name else "resuming")
+                        else (kueue_wait_message(latest) if spec.queue_name else "resuming")
                     )
                 elif latest.waiting_reason:
                     # The Job stays active but its pod cannot start until someone fixes the cluster.
@@ -327,7 +334,13 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                         f"{view.message}; preempted {latest.disruptions}x (not counted as failures)"
                     )
                 # Suspend and resume act on the Job itself; Kueue unsuspends queued Jobs on admission.
-                if suspend and not latest.suspended:
+                if suspend and spec.queue_name:
+                    # Kueue would unsuspend an admitted Job: deleting it releases the quota and
+                    # leaves the queue; resume recreates the same attempt, resuming its checkpoint.
+                    view.state, view.message = "Suspended", "suspended"
+                    if not latest.deleting:
+                        out.job_deletes.append(latest.name)
+                elif suspend and not latest.suspended:
                     out.job_patches.append((latest.name, {"spec": {"suspend": True}}))
                 elif not suspend and latest.suspended and not spec.queue_name:
                     out.job_patches.append((latest.name, {"spec": {"suspend": False}}))
@@ -426,7 +439,9 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                 out.transitions.append(_transition(stage, "Succeeded", jobs, latest, ""))
         if next_attempt is not None:
             if suspend:
-                view.state = "Suspended" if jobs else "Pending"
+                # A Kueue run's suspended attempt has no Job: it still counts as started.
+                view.attempts = max(view.attempts, int(prev.get("attempts") or 0))
+                view.state = "Suspended" if jobs or view.attempts else "Pending"
                 view.message = "run suspended"
             else:
                 try:
@@ -462,11 +477,9 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                     view.state = "Pending" if spec.queue_name else "Running"
                     # Same words as the next pass will derive from the observed Job: no second status write.
                     view.message = (
-                        "waiting for Kueue admission"
-                        if spec.queue_name
-                        else f"attempt {next_attempt} running"
+                        kueue_wait_message(None) if spec.queue_name else f"attempt {next_attempt} running"
                     )
-                    if next_attempt > 1:
+                    if next_attempt > max(1, int(prev.get("attempts") or 0)):  # not a resumed attempt
                         out.retries.append(stage.type)
                         out.failed_attempts.append((stage.type, last_failure or "Failed"))
                     if not spec.queue_name:
@@ -541,7 +554,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
     phase = (
         "Running" if (any(v.attempts for v in views) and current.state != "Pending") or done else "Pending"
     )
-    reason = "StageRunning" if current.state == "Running" else "StagePending"
+    reason = stage_reason(current.state, current.message or "")
     return finish(phase, [*_run_conditions("progressing", reason, msg), *conds], stages_status, progress)
 
 
