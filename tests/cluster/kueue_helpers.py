@@ -60,14 +60,15 @@ class Timeline:
         for w in active:
             span = self.admitted_at.setdefault(w["metadata"]["name"], [now, now])
             span[1] = now
+        before = {run: self.api.condition(run, "Reconciling") for run in self.runs}
         suspended = {j.metadata.labels.get("temper.dev/run") for j in self._jobs() if j.spec.suspend}
         for run in self.runs:
-            if run not in suspended:
-                continue
             cond = self.api.condition(run, "Reconciling")
-            if cond:
-                self.waiting_reasons.setdefault(run, set()).add(cond.get("reason", ""))
-                self.waiting_messages.setdefault(run, set()).add(cond.get("message", ""))
+            # Only a status that held across the Job read describes the suspended Job.
+            if run not in suspended or not cond or cond != before[run]:
+                continue
+            self.waiting_reasons.setdefault(run, set()).add(cond.get("reason", ""))
+            self.waiting_messages.setdefault(run, set()).add(cond.get("message", ""))
 
     def _jobs(self) -> list[Any]:
         return list(self.api.batch.list_namespaced_job(self.api.ns).items)

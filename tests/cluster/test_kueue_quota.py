@@ -64,7 +64,7 @@ def test_gpu_quota_admits_two_four_gpu_stages_at_a_time(
                     s3_bucket,
                     stages=stages,
                     queueName=queues.local_queue,
-                    pod_annotations={"temper.dev/fake-duration": "2s"},
+                    pod_annotations={"temper.dev/fake-duration": "1s"},
                 )
             )
         wait_for("all five runs Succeeded", lambda: all(api.succeeded(r) for r in runs), 150, operator)
@@ -80,7 +80,10 @@ def test_gpu_quota_admits_two_four_gpu_stages_at_a_time(
     # At least three runs had to wait, and each said so, naming Kueue.
     waited = report["waiting_reasons"]
     assert len(waited) >= 3, report
-    assert all(reasons == ["QueuedByKueue"] for reasons in waited.values()), report
+    # (A Job read between a stage's end and the next stage's status write can pair a queued
+    # Job with the previous stage's StageRunning; never with a reason that hides Kueue.)
+    assert all("QueuedByKueue" in reasons for reasons in waited.values()), report
+    assert all(set(reasons) <= {"QueuedByKueue", "StageRunning"} for reasons in waited.values()), report
     assert any("Kueue" in m for msgs in timeline.waiting_messages.values() for m in msgs)
     # Later stages queue again: each align Job was created suspended and admitted on its own.
     for run in ("m4", "m5"):

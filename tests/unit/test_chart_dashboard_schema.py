@@ -33,7 +33,11 @@ def differences(want: Any, got: Any, path: str = "") -> list[str]:
     if isinstance(want, list):
         if not isinstance(got, list) or len(want) != len(got):
             return [f"{path}: list changed"]
-        return [d for i, (a, b) in enumerate(zip(want, got, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(want, got, strict=True))
+            for d in differences(a, b, f"{path}[{i}]")
+        ]
     return [] if want == got else [f"{path}: {want!r} became {got!r}"]
 
 
@@ -68,7 +72,7 @@ def test_panels_are_well_formed() -> None:
     for panel in board["panels"]:
         assert panel["type"] in PANEL_TYPES, panel["title"]
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]  # Grafana's 24 columns
+        assert 0 <= grid["x"] <= grid["x"] + grid["w"] <= 24, panel["title"]  # Grafana's 24 columns
         targets = panel.get("targets") or []
         assert (panel["type"] == "row") == (not targets), panel["title"]
         refs = [t["refId"] for t in targets]

@@ -28,7 +28,10 @@ def test_evicted_job_says_kueue_took_it_back_and_keeps_the_attempt() -> None:
     assert conds(p)["Reconciling"] == ("True", KUEUE_QUEUED_REASON)
     assert "evicted by Kueue" in p.status["stages"][0]["message"]
     assert p.status["stages"][0]["attempts"] == 1
-    assert not p.create and not p.job_patches and not p.job_deletes and not p.retries
+    assert not p.create
+    assert not p.job_patches
+    assert not p.job_deletes
+    assert not p.retries
 
 
 def test_observed_job_is_evicted_only_if_suspended_after_its_pods_ran() -> None:
@@ -51,13 +54,15 @@ def test_suspending_a_kueue_run_deletes_its_job_and_resume_recreates_the_same_at
     assert p.job_patches == []
     assert p.phase == "Suspended"
     gone = plan(with_status(run, p), Observed(), NOW, CONFIG)
-    assert not gone.create and not gone.job_deletes
+    assert not gone.create
+    assert not gone.job_deletes
     assert gone.status["stages"][0]["state"] == "Suspended"
     assert gone.status["stages"][0]["attempts"] == 1
     resumed = plan(with_status(sample_run(**QUEUED), gone), Observed(), NOW, CONFIG)
     assert [o["metadata"]["name"] for o in resumed.create] == ["r1-sft-c1-a1"]
     assert resumed.create[0]["spec"]["suspend"] is True  # queued again
-    assert not resumed.retries and not resumed.failed_attempts
+    assert not resumed.retries
+    assert not resumed.failed_attempts
     assert conds(resumed)["Reconciling"] == ("True", KUEUE_QUEUED_REASON)
 
 
