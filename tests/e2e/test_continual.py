@@ -31,7 +31,6 @@ from temper_dev.s3server import S3Server
 from temper_trainer.data import builtin_records
 
 from tests.e2e.prometheus_checks import panel_data, wait_firing
-from tests.fixtures.operator import OperatorProcess
 from tests.fixtures.prometheus import Monitoring
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -154,14 +153,14 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
     s3_secret: str,
     operator_factory: Callable[..., Any],
     tiny_model: Path,
-    monitor_factory: Callable[[OperatorProcess], Monitoring],
+    monitor_factory: Callable[..., Monitoring],
 ) -> None:
     from kubernetes import client
 
     started = time.time()
     operator = operator_factory(TEMPER_CONTINUAL_INTERVAL_SECONDS="1")
     operator.wait_role("leader")
-    monitoring = monitor_factory(operator)
+    monitoring = monitor_factory(operator, stage_stuck_for="10m")
     storage = Storage(
         StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}), s3_server.client()
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     s3_bucket: str,
     s3_secret: str,
     tiny_model: Path,
-    monitoring: Monitoring,
+    monitor_factory: Callable[..., Monitoring],
 ) -> None:
+    monitoring = monitor_factory(operator, stage_stuck_for="90s")
     api = Api(cluster, namespace)
     started = time.time()
     body = quickstart_for(namespace, s3_bucket, s3_secret, s3_server, tiny_model.parent)
