@@ -193,7 +193,7 @@ class Kueue:
                 "(or point TEMPER_KUEUE_DIR at a directory with bin/kueue and config/)"
             )
 
-    def up(self, timeout: float = 90.0) -> Kueue:
+    def up(self, timeout: float = 240.0) -> Kueue:
         self.check()
         deadline = time.monotonic() + timeout
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,12 @@ def test_multi_node_indexed_job_is_admitted_as_one_workload(
     )
     assert not admitted(queues.workloads()[0])
     assert not api.pods("wide")  # not one pod of the two started
-    assert api.condition("wide", "Reconciling")["reason"] == "QueuedByKueue"
+    wait_for(
+        "run says Kueue holds it",
+        lambda: api.condition("wide", "Reconciling").get("reason") == "QueuedByKueue",
+        20,
+        operator,
+    )
     # Raise the quota to 16: the whole gang is admitted at once and runs on two nodes.
     queues.custom.patch_cluster_custom_object(
         "kueue.x-k8s.io",

@@ -34,6 +34,18 @@ def test_evicted_job_says_kueue_took_it_back_and_keeps_the_attempt() -> None:
     assert not p.retries
 
 
+def test_a_stage_seen_running_then_suspended_by_kueue_was_evicted_and_stays_so() -> None:
+    run = sample_run(**QUEUED)
+    running = plan(run, Observed(jobs=[job("sft")]), NOW, CONFIG)
+    assert running.status["stages"][0]["state"] == "Running"
+    evicted = plan(with_status(run, running), Observed(jobs=[job("sft", suspended=True)]), NOW, CONFIG)
+    message = evicted.status["stages"][0]["message"]
+    assert message.startswith("evicted by Kueue"), message
+    again = plan(with_status(run, evicted), Observed(jobs=[job("sft", suspended=True)]), NOW, CONFIG)
+    assert again.status["stages"][0]["message"] == message  # no flapping back to "waiting"
+    assert conds(again)["Reconciling"] == ("True", KUEUE_QUEUED_REASON)
+
+
 def test_observed_job_is_evicted_only_if_suspended_after_its_pods_ran() -> None:
     raw = {"metadata": {"name": "r1-sft-c1-a1"}, "spec": {"suspend": True}, "status": {}}
     pod = {"metadata": {"name": "p"}, "status": {"phase": "Failed"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -36,10 +37,18 @@ KUEUE_QUEUED_REASON = "QueuedByKueue"
 KUEUE_WAITING = "waiting for Kueue admission"
 
 
-def kueue_wait_message(job: ObservedJob | None) -> str:
-    """What a suspended, Kueue-queued stage Job waits for: its first admission or a readmission."""
-    if job is not None and job.evicted:
-        return f"evicted by Kueue (preempted or quota reclaimed), requeued; {KUEUE_WAITING}"
+KUEUE_EVICTED = "evicted by Kueue (preempted or quota reclaimed), requeued"
+
+
+def kueue_wait_message(job: ObservedJob | None, prev: Mapping[str, Any]) -> str:
+    """What a suspended, Kueue-queued stage Job waits for: its first admission, or readmission
+    after Kueue evicted it (the status last saw this attempt running, or already said so)."""
+    if job is None:
+        return KUEUE_WAITING
+    same_attempt = int(prev.get("attempts") or 0) == job.attempt
+    ran = same_attempt and (prev.get("state") == "Running" or KUEUE_EVICTED in (prev.get("message") or ""))
+    if job.evicted or ran:
+        return f"{KUEUE_EVICTED}; {KUEUE_WAITING}"
     return KUEUE_WAITING
 
 

@@ -318,7 +318,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                     view.message = (
                         "suspended"
                         if suspend
-                        else (kueue_wait_message(latest) if spec.queue_name else "resuming")
+                        else (kueue_wait_message(latest, prev) if spec.queue_name else "resuming")
                     )
                 elif latest.waiting_reason:
                     # The Job stays active but its pod cannot start until someone fixes the cluster.
@@ -477,7 +477,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
                     view.state = "Pending" if spec.queue_name else "Running"
                     # Same words as the next pass will derive from the observed Job: no second status write.
                     view.message = (
-                        kueue_wait_message(None) if spec.queue_name else f"attempt {next_attempt} running"
+                        kueue_wait_message(None, {}) if spec.queue_name else f"attempt {next_attempt} running"
                     )
                     if next_attempt > max(1, int(prev.get("attempts") or 0)):  # not a resumed attempt
                         out.retries.append(stage.type)
