@@ -172,11 +172,12 @@ def rule_tests() -> list[dict[str, Any]]:
                 ("35m", "TemperOperatorDown", [down]),
             ],
         ),
-        # Another namespace's operator being down is not ours.
+        # A standby replica down while the leader is up is fine; another namespace's is not ours.
         case(
             [
                 (f"up{{{OPERATOR}, {POD}}}", "1x30"),
                 ('up{job="rel-temper-metrics", namespace="other"}', "0x30"),
+                (f'up{{{OPERATOR}, instance="10.0.0.8:9090", pod="rel-temper-1"}}', "0x30"),
             ],
             [("25m", "TemperOperatorDown", [])],
         ),
