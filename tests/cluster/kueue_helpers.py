@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from tests.cluster.test_operator_pipeline import Api
 from tests.fixtures.kueue import Queues, admitted
 
@@ -60,15 +62,23 @@ class Timeline:
         for w in active:
             span = self.admitted_at.setdefault(w["metadata"]["name"], [now, now])
             span[1] = now
-        before = {run: self.api.condition(run, "Reconciling") for run in self.runs}
+        before = {run: self._reconciling(run) for run in self.runs}
         suspended = {j.metadata.labels.get("temper.dev/run") for j in self._jobs() if j.spec.suspend}
         for run in self.runs:
-            cond = self.api.condition(run, "Reconciling")
+            cond = self._reconciling(run)
             # Only a status that held across the Job read describes the suspended Job.
             if run not in suspended or not cond or cond != before[run]:
                 continue
             self.waiting_reasons.setdefault(run, set()).add(cond.get("reason", ""))
             self.waiting_messages.setdefault(run, set()).add(cond.get("message", ""))
+
+    def _reconciling(self, run: str) -> dict[str, Any]:
+        try:
+            return self.api.condition(run, "Reconciling")
+        except ApiException as exc:
+            if exc.status == 404:  # not created yet
+                return {}
+            raise
 
     def _jobs(self) -> list[Any]:
         return list(self.api.batch.list_namespaced_job(self.api.ns).items)

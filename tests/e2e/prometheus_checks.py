@@ -44,7 +44,7 @@ def template_values(mon: Monitoring) -> dict[str, str]:
             found = mon.prometheus.label_values(match.group(2), match.group(1))
             assert found, f"variable {var['name']}: {query} returned nothing"
             values[var["name"]] = found[0]
-        elif var["type"] == "custom":
+        elif var["type"] in ("custom", "interval"):
             values[var["name"]] = var["query"].split(",")[0]
     return values
 
