@@ -10,16 +10,6 @@ from typing import Any
 
 from tests.fixtures.prometheus import Monitoring
 
-# Panels the quickstart cannot fill, and why: nothing fails in it and it is not continual.
-# tests/e2e/test_prometheus_alerts.py and test_continual.py fill them.
-QUICKSTART_EMPTY = {
-    "Stage failures and retries": "no stage fails or retries in the quickstart",
-    "Adapter verification failures": "every artifact verifies in the quickstart",
-    "API errors": "the operator's API calls all succeed",
-    "Forgetting per suite": "only continual runs measure forgetting",
-    "Gate failures by suite": "only continual runs have regression gates",
-    "Generation per run": "only continual runs have generations",
-}
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "temper" / "files" / "dashboards" / "temper.json"
 
 

@@ -8,8 +8,6 @@ subprocess, moto on loopback, and CPU training of the repo's tiny model.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,7 @@ from temper_dev.demo import QUICKSTART, load_manifest, pin_to_exec_node
 from temper_dev.s3server import S3Server
 
 from tests.cluster.test_operator_pipeline import Api, wait_for
-from tests.e2e.prometheus_checks import QUICKSTART_EMPTY, alerts_fired_since, panel_data
 from tests.fixtures.operator import OperatorProcess
-from tests.fixtures.prometheus import Monitoring
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -76,11 +72,8 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     s3_bucket: str,
     s3_secret: str,
     tiny_model: Path,
-    monitor_factory: Callable[..., Monitoring],
 ) -> None:
-    monitoring = monitor_factory(operator, stage_stuck_for="90s")
     api = Api(cluster, namespace)
-    started = time.time()
     body = quickstart_for(namespace, s3_bucket, s3_secret, s3_server, tiny_model.parent)
     name = body["metadata"]["name"]
     api.create_run(body)
@@ -139,11 +132,3 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     )
     assert ready_adapters >= 3, metric_samples(text, "temper_adapters")
     assert "forbidden" not in operator.log().lower()
-
-    # A real Prometheus scraped the operator and the trainer pods throughout: every dashboard
-    # panel has data except those only failures or continual runs fill, and no alert fired.
-    data = panel_data(monitoring, started)
-    print("dashboard panels with data:", sorted(t for t, ok in data.items() if ok))
-    assert {t for t, ok in data.items() if not ok} <= set(QUICKSTART_EMPTY), data
-    assert {t for t, ok in data.items() if ok} >= set(data) - set(QUICKSTART_EMPTY)
-    assert alerts_fired_since(monitoring, started) == {}, monitoring.prometheus.alerts()

@@ -76,6 +76,7 @@ def test_service_monitor_job_keeps_only_the_chart_service_metrics_port() -> None
     objs = render_monitoring("team-a")
     (monitor,) = objs["ServiceMonitor"]
     (job,) = service_monitor_jobs(monitor, Path("/sd.json"))
+    assert job["honor_labels"] is True  # temper_run_* keep the run's namespace, not the operator's
     keeps = [
         r
         for r in job["relabel_configs"]
