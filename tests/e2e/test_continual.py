@@ -354,6 +354,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         # continual-learning panels.
         gate_alert = wait_firing(monitoring, "TemperGateFailed", 60)
         assert gate_alert["labels"]["suite"] == "arith", gate_alert
+        time.sleep(3)  # a few scrapes after the failure
         data = panel_data(monitoring, started)
         for title in ("Forgetting per suite", "Gate failures by suite", "Generation per run"):
             assert data[title], (title, data)
