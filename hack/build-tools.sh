@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the hermetic control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl), kwok and helm from the Go module proxy into a versioned
-# cache. Idempotent: a binary already in the cache is never rebuilt.
+# kube-scheduler, kubectl), kwok and helm, plus the Kueue manager (with its config/ manifests),
+# Prometheus and promtool, from the Go module proxy into versioned caches. Idempotent: a
+# binary already in the cache is never rebuilt.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
@@ -9,9 +10,13 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.19.0}
 KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
+KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}
 CACHE_ROOT=${TEMPER_CACHE:-$HOME/.cache/temper}
 BIN=${TEMPER_BIN:-$CACHE_ROOT/k8s-$K8S_VERSION/bin}
 SRC=$CACHE_ROOT/src
+KUEUE_DIR=${TEMPER_KUEUE_DIR:-$CACHE_ROOT/kueue-$KUEUE_VERSION}
+PROMETHEUS_BIN=${TEMPER_PROMETHEUS_BIN:-$CACHE_ROOT/prometheus-$PROMETHEUS_VERSION/bin}
 export GOFLAGS=${GOFLAGS:--mod=mod}
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 # Staging modules are published as v0.N.P for kubernetes v1.N.P.
@@ -102,7 +107,44 @@ build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 # Stamp helm's default .Capabilities.KubeVersion (else v1.20, below the chart's kubeVersion).
 HELM_K8S_MINOR=${K8S_VERSION#v1.} && HELM_K8S_MINOR=${HELM_K8S_MINOR%%.*}
 have helm || { log "go install helm $HELM_VERSION (KubeVersion v1.$HELM_K8S_MINOR)"; GOBIN=$BIN go install -trimpath -ldflags "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$HELM_K8S_MINOR" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"; }
+
 # The outside linter for the chart and the Jobs temper builds (tests/unit/test_kube_score.py).
 build_go_install kube-score github.com/zegl/kube-score/cmd/kube-score "$KUBE_SCORE_VERSION"
-log "tools ready in $BIN"
+
+build_kueue() {
+  # The manager binary plus the CRDs and webhook manifests of the same release, so the
+  # harness never needs the Go module cache.
+  [ -x "$KUEUE_DIR/bin/kueue" ] && [ -f "$KUEUE_DIR/config/done" ] && return 0
+  log "go install sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  mkdir -p "$KUEUE_DIR/bin"
+  GOBIN=$KUEUE_DIR/bin go install -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+    "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  local mod
+  mod=$(go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$KUEUE_DIR/config" && mkdir -p "$KUEUE_DIR/config"
+  cp -r "$mod/config/components/crd/bases" "$KUEUE_DIR/config/crd"
+  cp -r "$mod/config/components/webhook" "$KUEUE_DIR/config/webhook"
+  cp -r "$mod/config/components/rbac" "$KUEUE_DIR/config/rbac"
+  chmod -R u+w "$KUEUE_DIR/config"
+  echo "$KUEUE_VERSION" >"$KUEUE_DIR/config/done"
+}
+
+build_prometheus() {
+  # Only the kubernetes service discovery is compiled in: the other SD plugins (cloud SDKs)
+  # would triple the build time and the hermetic cluster has no use for them.
+  local c
+  for c in prometheus promtool; do
+    [ -x "$PROMETHEUS_BIN/$c" ] && continue
+    log "go install github.com/prometheus/prometheus/cmd/$c@$PROMETHEUS_VERSION"
+    mkdir -p "$PROMETHEUS_BIN"
+    GOBIN=$PROMETHEUS_BIN go install -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+      -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" \
+      "github.com/prometheus/prometheus/cmd/$c@$PROMETHEUS_VERSION"
+  done
+}
+
+build_kueue
+build_prometheus
+log "tools ready in $BIN, $KUEUE_DIR, $PROMETHEUS_BIN"
 echo "$BIN"

@@ -11,4 +11,6 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.models",
     "tests.fixtures.operator",
+    "tests.fixtures.kueue",
+    "tests.fixtures.prometheus",
 ]

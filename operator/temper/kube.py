@@ -248,6 +248,16 @@ class Kube:
             if exc.status != 404:  # gone already: nothing to suspend
                 raise
 
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods; gone already is success."""
+        try:
+            await self._call(
+                "delete", "jobs", namespace=namespace, name=name, body={"propagationPolicy": "Background"}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     async def write_configmap(self, obj: dict[str, Any], exists: bool) -> dict[str, Any] | None:
         """Create (or replace, when ``exists``) a ConfigMap; the stored object, or None when a
         create found one already there."""

@@ -212,27 +212,5 @@ def test_multi_node_stage_is_an_indexed_job_with_headless_service(
     assert env["WORLD_SIZE"] == "2"
 
 
-def test_kueue_queue_creates_suspended_job_and_leaves_admission_to_kueue(
-    api: Api, operator: OperatorProcess, s3_server: S3Server, s3_bucket: str, s3_secret: str, tmp_path: Path
-) -> None:
-    publish(s3_server, s3_bucket, "queued", "sft", tmp_path)
-    api.create_run(
-        pipeline(
-            "queued",
-            s3_bucket,
-            stages=ONE_STAGE,
-            queueName="team-a",
-            pod_annotations={"temper.dev/fake-duration": "200ms"},
-        )
-    )
-    (job,) = wait_for("Job", lambda: api.jobs("queued"), 20, operator)
-    assert job.spec.suspend is True
-    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
-    wait_for(
-        "waiting message", lambda: "Kueue" in (api.stage("queued", "sft").get("message") or ""), 10, operator
-    )
-    time.sleep(1.0)
-    assert api.jobs("queued")[0].spec.suspend is True  # the operator never admits on Kueue's behalf
-    # What Kueue does on admission:
-    api.batch.patch_namespaced_job(job.metadata.name, api.ns, {"spec": {"suspend": False}})
-    wait_for("run Succeeded", lambda: api.succeeded("queued"), 30, operator)
+# Kueue admission, quota, preemption and suspend run against the real Kueue in
+# tests/cluster/test_kueue_quota.py and tests/cluster/test_kueue_preemption.py.

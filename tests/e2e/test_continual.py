@@ -30,6 +30,9 @@ from temper_dev.cluster import Cluster
 from temper_dev.s3server import S3Server
 from temper_trainer.data import builtin_records
 
+from tests.e2e.prometheus_checks import panel_data, wait_firing
+from tests.fixtures.prometheus import Monitoring
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GROUP, VERSION, PLURAL = "temper.dev", "v1alpha1", "posttrainingruns"
@@ -150,11 +153,14 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
     s3_secret: str,
     operator_factory: Callable[..., Any],
     tiny_model: Path,
+    monitor_factory: Callable[..., Monitoring],
 ) -> None:
     from kubernetes import client
 
+    started = time.time()
     operator = operator_factory(TEMPER_CONTINUAL_INTERVAL_SECONDS="1")
     operator.wait_role("leader")
+    monitoring = monitor_factory(operator, stage_stuck_for="10m")
     storage = Storage(
         StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}), s3_server.client()
     )
@@ -344,6 +350,14 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         ) == pytest.approx(forgetting, rel=1e-3)
         assert operator.metric("temper_run_generation", namespace=namespace, run="replay") == 2
         assert operator.metric("temper_run_generation", namespace=namespace, run="strict") == 1
+        # A real Prometheus scraping the operator fires the gate alert and fills the dashboard's
+        # continual-learning panels.
+        gate_alert = wait_firing(monitoring, "TemperGateFailed", 60)
+        assert gate_alert["labels"]["suite"] == "arith", gate_alert
+        time.sleep(3)  # a few scrapes after the failure
+        data = panel_data(monitoring, started)
+        for title in ("Forgetting per suite", "Gate failures by suite", "Generation per run"):
+            assert data[title], (title, data)
 
         # Rollback: setting the alias back to cycle 1's adapter is validated and followed.
         cm_name = alias_configmap_name("replay", "stable")

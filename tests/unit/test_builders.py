@@ -72,8 +72,13 @@ def test_job_failure_policy_ignores_disruption_and_fails_fast_on_bad_input() -> 
     assert spec["backoffLimit"] == 0
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
-    assert rules[1]["action"] == "FailJob"
-    assert rules[1]["onExitCodes"]["values"] == list(NON_RETRYABLE_EXIT_CODES)
+    # A pod deleted mid-stage (Kueue eviction suspends the Job) checkpoints and exits 143.
+    assert rules[1] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]},
+    }
+    assert rules[2]["action"] == "FailJob"
+    assert rules[2]["onExitCodes"]["values"] == list(NON_RETRYABLE_EXIT_CODES)
 
 
 def test_credentials_only_by_secret_reference() -> None:

@@ -54,7 +54,7 @@ OPERATOR_NAMESPACED_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("temper.dev", "posttrainingruns/status"): {"patch"},
     ("temper.dev", "adapters/status"): {"patch"},
     ("temper.dev", "posttrainingruns/finalizers"): {"update"},
-    ("batch", "jobs"): {"list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "services"): {"list", "watch", "create"},
     ("networking.k8s.io", "networkpolicies"): {"create"},

@@ -89,11 +89,12 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 - apiGroups: ["temper.dev"]
   resources: ["posttrainingruns/finalizers"]
   verbs: ["update"]
-# One Job per stage attempt; patch to suspend/resume. Deletion is left to the garbage collector.
+# One Job per stage attempt; patch to suspend/resume. A suspended Kueue run's Job is deleted
+# (Kueue would readmit a merely suspended one); otherwise deletion is left to the GC.
 # Jobs, pods and Services are only listed and watched (into caches), never read one by one.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Trainer pods' termination messages carry each stage's result; disruptions are read from them.
 - apiGroups: [""]
   resources: ["pods"]

@@ -774,8 +774,9 @@ class PostTrainingRunSpec(ApiModel):
         pattern=DNS_SUBDOMAIN,
     )
     suspend: bool = doc(
-        "Stops the running stage (its Job is suspended; Kueue releases the quota) and keeps new cycles from "
-        "starting. Resuming continues from the latest checkpoint.",
+        "Stops the running stage (its Job is suspended; with queueName it is deleted, so Kueue releases the "
+        "quota) and keeps new cycles from starting. Resuming continues the same attempt from the latest "
+        "checkpoint (with queueName: queued again).",
         default=False,
     )
     stages: list[Stage] = doc(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from temper.api.contract import CONTRACT_ENV, NON_RETRYABLE_EXIT_CODES, StageContract
+from temper.api.contract import CONTRACT_ENV, EXIT_PREEMPTED, NON_RETRYABLE_EXIT_CODES, StageContract
 from temper.api.run import PostTrainingRun, Stage
 from temper.builders.contract import UnresolvedReference, spec_hash
 from temper.builders.names import (
@@ -232,6 +232,16 @@ def build_job(
             "rules": [
                 # A preempted/evicted pod is replaced by the Job without using up the attempt.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # Exit 143: the trainer checkpointed on SIGTERM (its pod deleted, e.g. when Kueue
+                # evicts the Job by suspending it); the resumed Job replaces it, same attempt.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_PREEMPTED],
+                    },
+                },
                 {
                     "action": "FailJob",
                     "onExitCodes": {

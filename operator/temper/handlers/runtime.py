@@ -405,6 +405,8 @@ class Runtime:
                 self.caches.put_service(obj)
             if created:
                 log.info("created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+        for job_name in p.job_deletes:
+            await self.kube.delete_job(ns, job_name)
         for job_name, patch in p.job_patches:
             await self.kube.patch_job(ns, job_name, patch)
             job = self.caches.jobs.get(key, {}).get(job_name)

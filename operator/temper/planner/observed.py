@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +31,32 @@ STUCK_WAITING_REASONS = (
     "ImagePullBackOff",
     "InvalidImageName",
 )
+# Kueue admits a queued stage's Job by unsuspending it, and evicts (preempts) it by suspending it
+# again: the run says so, and the Job (same attempt) resumes from its checkpoint on readmission.
+KUEUE_QUEUED_REASON = "QueuedByKueue"
+KUEUE_WAITING = "waiting for Kueue admission"
+
+
+KUEUE_EVICTED = "evicted by Kueue (preempted or quota reclaimed), requeued"
+
+
+def kueue_wait_message(job: ObservedJob | None, prev: Mapping[str, Any]) -> str:
+    """What a suspended, Kueue-queued stage Job waits for: its first admission, or readmission
+    after Kueue evicted it (the status last saw this attempt running, or already said so)."""
+    if job is None:
+        return KUEUE_WAITING
+    same_attempt = int(prev.get("attempts") or 0) == job.attempt
+    ran = same_attempt and (prev.get("state") == "Running" or KUEUE_EVICTED in (prev.get("message") or ""))
+    if job.evicted or ran:
+        return f"{KUEUE_EVICTED}; {KUEUE_WAITING}"
+    return KUEUE_WAITING
+
+
+def stage_reason(state: str, message: str) -> str:
+    """The run's Reconciling reason for its current stage: names Kueue while Kueue holds it."""
+    if state == "Running":
+        return "StageRunning"
+    return KUEUE_QUEUED_REASON if KUEUE_WAITING in message else "StagePending"
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -66,6 +93,7 @@ class ObservedJob:
     deleting: bool = False
     waiting_reason: str = ""  # one of STUCK_WAITING_REASONS, from the trainer container
     waiting_message: str = ""
+    evicted: bool = False  # suspended after it ran: Kueue took its quota back
 
     @classmethod
     def from_k8s(cls, job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> ObservedJob:
@@ -85,6 +113,7 @@ class ObservedJob:
                 finished = finished or parse_time(cond.get("lastTransitionTime"))
         result, disruptions, exit_code = _from_pods(pods or [])
         waiting_reason, waiting_message = _stuck_waiting(pods or [])
+        suspended = bool((job.get("spec") or {}).get("suspend"))
         return cls(
             name=meta.get("name", ""),
             stage=labels.get(LABEL_STAGE, ""),
@@ -92,7 +121,7 @@ class ObservedJob:
             attempt=_int(labels.get(LABEL_ATTEMPT), 1),
             created=parse_time(meta.get("creationTimestamp")),
             started=parse_time(status.get("startTime")),
-            suspended=bool((job.get("spec") or {}).get("suspend")),
+            suspended=suspended,
             active=int(status.get("active") or 0),
             outcome=outcome,
             reason=reason,
@@ -105,6 +134,7 @@ class ObservedJob:
             deleting=bool(meta.get("deletionTimestamp")),
             waiting_reason=waiting_reason,
             waiting_message=waiting_message[:MESSAGE_LIMIT],
+            evicted=suspended and outcome is None and bool(pods),
         )
 
 

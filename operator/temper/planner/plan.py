@@ -27,7 +27,13 @@ from temper.builders import (
 )
 from temper.builders.names import adapter_name, manifest_uri, output_prefix, progress_uri, service_name
 from temper.config import OperatorConfig
-from temper.planner.observed import Observed, ObservedJob, format_time
+from temper.planner.observed import (
+    Observed,
+    ObservedJob,
+    format_time,
+    kueue_wait_message,
+    stage_reason,
+)
 from temper.policy import run_violations
 
 EventType = Literal["Normal", "Warning"]
@@ -71,6 +77,7 @@ class RunningAttempt:
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)  # in order: Services, Jobs, Adapters
     job_patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    job_deletes: list[str] = field(default_factory=list)  # suspended Kueue attempts
     status: dict[str, Any] = field(default_factory=dict)  # our fields of .status, complete
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
@@ -256,6 +263,7 @@ class _StageResult:
     view: _StageView
     create: list[dict[str, Any]] = field(default_factory=list)
     job_patches: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    job_deletes: list[str] = field(default_factory=list)
     transitions: list[StageTransition] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
     failed_attempts: list[tuple[str, str]] = field(default_factory=list)
@@ -318,6 +326,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
     for r in walk.results:
         out.create += r.create
         out.job_patches += r.job_patches
+        out.job_deletes += r.job_deletes
         out.transitions += r.transitions
         out.retries += r.retries
         out.failed_attempts += r.failed_attempts
@@ -405,7 +414,7 @@ def _plan_stage(
         view.job, view.attempts = latest.name, latest.attempt
         view.start = min((j.created for j in jobs if j.created), default=None)
         if latest.outcome is None or latest.deleting:
-            _active_attempt(ctx, stage, latest, outputs, result)
+            _active_attempt(ctx, stage, latest, outputs, result, prev)
         elif latest.outcome == "Complete":
             _completed_attempt(ctx, stage, latest, outputs, result)
         else:
@@ -413,12 +422,17 @@ def _plan_stage(
         if view.state == "Succeeded" and prev.get("state") != "Succeeded":
             result.transitions.append(_transition(stage, "Succeeded", jobs, latest, ""))
     if result.next_attempt is not None:
-        _next_attempt(ctx, stage, jobs, outputs, result)
+        _next_attempt(ctx, stage, jobs, outputs, result, prev)
     return result
 
 
-def _active_attempt(
-    ctx: _Ctx, stage: Stage, latest: ObservedJob, outputs: dict[str, AdapterRef], result: _StageResult
+def _active_attempt(  # noqa: PLR0917 - the stage's inputs, as _plan_stage has them
+    ctx: _Ctx,
+    stage: Stage,
+    latest: ObservedJob,
+    outputs: dict[str, AdapterRef],
+    result: _StageResult,
+    prev: dict[str, Any],
 ) -> None:
     """The latest Job is still active (or being deleted): queued, blocked, suspended or running."""
     view, spec = result.view, ctx.spec
@@ -427,7 +441,7 @@ def _active_attempt(
         view.message = (
             "suspended"
             if spec.suspend
-            else ("waiting for Kueue admission" if spec.queue_name else "resuming")
+            else (kueue_wait_message(latest, prev) if spec.queue_name else "resuming")
         )
     elif latest.waiting_reason:
         # The Job stays active but its pod cannot start until someone fixes the cluster.
@@ -441,7 +455,13 @@ def _active_attempt(
     if latest.disruptions:
         view.message = f"{view.message}; preempted {latest.disruptions}x (not counted as failures)"
     # Suspend and resume act on the Job itself; Kueue unsuspends queued Jobs on admission.
-    if spec.suspend and not latest.suspended:
+    if spec.suspend and spec.queue_name:
+        # Kueue would unsuspend an admitted Job: deleting it releases the quota and leaves the
+        # queue; resume recreates the same attempt, resuming its checkpoint.
+        view.state, view.message = "Suspended", "suspended"
+        if not latest.deleting:
+            result.job_deletes.append(latest.name)
+    elif spec.suspend and not latest.suspended:
         result.job_patches.append((latest.name, {"spec": {"suspend": True}}))
     elif not spec.suspend and latest.suspended and not spec.queue_name:
         result.job_patches.append((latest.name, {"spec": {"suspend": False}}))
@@ -538,13 +558,20 @@ def _failed_attempt(
         result.transitions.append(_transition(stage, "Failed", jobs, latest, reason))
 
 
-def _next_attempt(
-    ctx: _Ctx, stage: Stage, jobs: list[ObservedJob], outputs: dict[str, AdapterRef], result: _StageResult
+def _next_attempt(  # noqa: PLR0917 - the stage's inputs, as _plan_stage has them
+    ctx: _Ctx,
+    stage: Stage,
+    jobs: list[ObservedJob],
+    outputs: dict[str, AdapterRef],
+    result: _StageResult,
+    prev: dict[str, Any],
 ) -> None:
     """Create the stage's next attempt (its Job, and a Service for multi-node), unless suspended."""
     view, spec, attempt = result.view, ctx.spec, result.next_attempt or 1
     if spec.suspend:
-        view.state = "Suspended" if jobs else "Pending"
+        # A Kueue run's suspended attempt has no Job: it still counts as started.
+        view.attempts = max(view.attempts, int(prev.get("attempts") or 0))
+        view.state = "Suspended" if jobs or view.attempts else "Pending"
         view.message = "run suspended"
         return
     try:
@@ -574,8 +601,8 @@ def _next_attempt(
     view.start = view.start or ctx.now
     view.state = "Pending" if spec.queue_name else "Running"
     # Same words as the next pass will derive from the observed Job: no second status write.
-    view.message = "waiting for Kueue admission" if spec.queue_name else f"attempt {attempt} running"
-    if attempt > 1:
+    view.message = kueue_wait_message(None, {}) if spec.queue_name else f"attempt {attempt} running"
+    if attempt > max(1, int(prev.get("attempts") or 0)):  # not a resumed attempt
         result.retries.append(stage.type)
         result.failed_attempts.append((stage.type, result.last_failure or "Failed"))
     result.running = not spec.queue_name
@@ -651,7 +678,7 @@ def _outcome(
     pct = f" {progress['percent']:.0f}%" if progress and current.state == "Running" else ""
     msg = f"stage {current.stage.name} {current.state.lower()}{pct}: {current.message or ''}".rstrip(": ")
     going = (any(v.attempts for v in views) and current.state != "Pending") or done
-    reason = "StageRunning" if current.state == "Running" else "StagePending"
+    reason = stage_reason(current.state, current.message or "")
     return (
         "Running" if going else "Pending",
         [*_run_conditions("progressing", reason, msg), *extra],
