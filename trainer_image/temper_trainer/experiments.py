@@ -31,7 +31,7 @@ def _contract(
         "output": {"prefix": f"{prefix.rstrip('/')}/{name}/"},
         "peft": {"method": "lora", "r": 8, "alpha": 16},
         "data": {"train": train, "eval": eval_},
-        "hyperparameters": {"learningRate": 3e-3, "batchSize": 16, "packing": True},
+        "hyperparameters": {"learningRate": 3e-3, "batchSize": 16, "packing": True, "maxGradNorm": 0},
         "checkpoint": {"everySteps": 1000},
         "progressIntervalSeconds": 60,
     }
