@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+RECIPE_VERSION = "archzoo-v1"  # bump when a config, the corpus or the tokenizer recipe changes
 VOCAB_SIZE = 480
 WIDTH = {
     "hidden_size": 64,
@@ -179,6 +180,24 @@ def build_model(arch_name: str, out_dir: Path, seed: int = 0) -> Path:
         f"---\nlibrary_name: transformers\n---\nRandom-init tiny {arch.name}.\n"
     )
     return out_dir
+
+
+def ensure_model(arch_name: str, cache_dir: Path | None = None) -> Path:
+    """The cached build of ``arch_name`` (built once, atomically, behind a file lock)."""
+    import os
+
+    from filelock import FileLock
+
+    root = (cache_dir or Path.home() / ".cache" / "temper" / "archzoo") / RECIPE_VERSION
+    target = root / arch_name
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{arch_name}.lock")):
+        if not (target / "config.json").exists():
+            staging = build_model(arch_name, root / f"{arch_name}.building-{os.getpid()}")
+            staging.rename(target)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
