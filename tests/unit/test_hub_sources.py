@@ -165,3 +165,46 @@ def test_pvc_models_resolve_inside_their_mount(tmp_path: Path, monkeypatch: pyte
         models.resolve_model_dir("pvc://weights/../x", None)
     with pytest.raises(ModelSourceError, match=r"no config\.json"):
         models.resolve_model_dir("pvc://weights", None)
+
+
+def test_a_stage_loads_the_base_commit_its_parent_was_trained_on(
+    hub_env: OlahHub,
+    arch_models: dict[str, HubModel],
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from temper.api.contract import StageContract
+
+    storage = storage_for(s3_server, monkeypatch)
+    first = hub_env.add_repo("zoo/drifting", arch_models["mistral"].folder)
+    parent = {
+        "schemaVersion": 1,
+        "files": [],
+        "baseModel": "hf://zoo/drifting",
+        "method": "lora",
+        "stageType": "sft",
+        "lineage": {"baseModelRevision": first},
+        "trainerVersion": "test",
+        "createdAt": "2026-01-01T00:00:00+00:00",
+    }
+    s3_server.client().put_object(Bucket=s3_bucket, Key="sft/manifest.json", Body=json.dumps(parent).encode())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_bytes((arch_models["mistral"].folder / "config.json").read_bytes())
+    assert hub_env.add_repo("zoo/drifting", moved) != first  # main moved on after the parent stage
+
+    contract = StageContract.model_validate(
+        {
+            "run": {"namespace": "ns", "name": "r"},
+            "stage": {"name": "dpo", "type": "dpo"},
+            "baseModel": "hf://zoo/drifting",
+            "output": {"prefix": f"s3://{s3_bucket}/dpo/"},
+            "parent": {"manifestUri": f"s3://{s3_bucket}/sft/manifest.json"},
+        }
+    )
+    assert models.inherit_parent_revision(contract, storage) == first
+    resolved = models.resolve_model("hf://zoo/drifting", None)
+    assert resolved.revision == first
+    assert (resolved.path / "model.safetensors").exists()  # the parent's files, not main's

@@ -121,6 +121,7 @@ def run_stage(raw: str | None, workdir: Path | None = None) -> int:
     """Everything ``run`` does; returns the exit code."""
     from temper.storage import Storage, StorageError
 
+    from temper_trainer.models import inherit_parent_revision
     from temper_trainer.stage import StageContext, StageError
     from temper_trainer.stages import get_stage
 
@@ -174,6 +175,7 @@ def run_stage(raw: str | None, workdir: Path | None = None) -> int:
                 )
                 ctx.set_phase("done")
                 return EXIT_OK
+        inherit_parent_revision(contract, storage)  # the parent's base commit, not main's newest
         stage_fn = get_stage(contract.stage.type)
         outcome = stage_fn(ctx)
         ctx.set_phase("publishing")

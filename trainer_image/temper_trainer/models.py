@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from temper.api.contract import StageContract
 from temper.storage import MANIFEST_NAME, S3Uri, Storage
 
 from temper_trainer.tinymodel import ensure_tiny_model, model_cache_dir
@@ -49,6 +50,8 @@ class ResolvedModel:
 
 # Sources resolved by this process, by URI: the runner records their pinned revisions.
 _RESOLVED: dict[str, ResolvedModel] = {}
+# hf:// base models this stage must load at a given commit (its parent adapter's), by URI.
+_INHERITED: dict[str, str] = {}
 
 
 def parse_hf_uri(uri: str, *, datasets: bool = False) -> tuple[str, str | None, str, str | None]:
@@ -229,6 +232,7 @@ def resolve_model(uri: str, storage: Storage | None) -> ResolvedModel:
     revision = None
     if uri.startswith("hf://"):
         repo_id, wanted, sub, _ = parse_hf_uri(uri)
+        wanted = _INHERITED.get(uri, wanted)
         if sub:
             raise ModelSourceError(f"{uri}: a base model is a whole repository, hf://org/name[@revision]")
         path, revision = hf_snapshot(repo_id, wanted)
@@ -248,6 +252,26 @@ def resolve_model(uri: str, storage: Storage | None) -> ResolvedModel:
 def resolve_model_dir(uri: str, storage: Storage | None) -> Path:
     """A local folder holding the model; see :func:`resolve_model`."""
     return resolve_model(uri, storage).path
+
+
+def inherit_parent_revision(contract: StageContract, storage: Storage) -> str | None:
+    """Pin an hf:// base model to the commit the stage's parent adapter was trained on.
+
+    A stage continuing from an earlier stage's adapter must load the same base weights: a
+    branch that moved between the two stages would otherwise give it other ones. Returns the
+    inherited commit, if any."""
+    uri = contract.base_model
+    if contract.parent is None or not uri.startswith("hf://"):
+        return None
+    revision = parse_hf_uri(uri)[1]
+    if revision and _COMMIT_SHA.match(revision):
+        return None  # already a commit
+    manifest, _ = storage.read_manifest(contract.parent.manifest_uri)
+    sha = manifest.lineage.get("baseModelRevision")
+    if manifest.base_model != uri or not isinstance(sha, str) or not _COMMIT_SHA.match(sha):
+        return None
+    _INHERITED[uri] = sha
+    return sha
 
 
 def base_model_lineage(uri: str) -> dict[str, Any]:
