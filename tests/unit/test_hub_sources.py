@@ -208,3 +208,18 @@ def test_a_stage_loads_the_base_commit_its_parent_was_trained_on(
     resolved = models.resolve_model("hf://zoo/drifting", None)
     assert resolved.revision == first
     assert (resolved.path / "model.safetensors").exists()  # the parent's files, not main's
+
+
+def test_published_artifacts_name_their_pinned_base() -> None:
+    sha = "a" * 40
+    pinned = {"baseModel": "hf://org/m@main", "lineage": {"baseModelRevision": sha}}
+    assert models.manifest_base_uri(pinned) == f"hf://org/m@{sha}"
+    assert models.manifest_base_uri({"baseModel": "builtin://tiny", "lineage": {}}) == "builtin://tiny"
+    assert models.manifest_base_uri({"baseModel": "hf://org/m"}) == "hf://org/m"
+
+
+def test_the_hub_token_is_redacted_from_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    from temper_trainer.__main__ import redact
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret-token-value")
+    assert redact("401 for token hf_secret-token-value") == "401 for token ***"

@@ -274,6 +274,17 @@ def inherit_parent_revision(contract: StageContract, storage: Storage) -> str | 
     return sha
 
 
+def manifest_base_uri(manifest: dict[str, Any]) -> str:
+    """The base model a published artifact was trained on, pinned to the commit its lineage
+    records (an hf:// branch may have moved since)."""
+    uri = str(manifest["baseModel"])
+    sha = (manifest.get("lineage") or {}).get("baseModelRevision")
+    if not uri.startswith("hf://") or not isinstance(sha, str) or not _COMMIT_SHA.match(sha):
+        return uri
+    repo_id = parse_hf_uri(uri)[0]
+    return f"hf://{repo_id}@{sha}"
+
+
 def base_model_lineage(uri: str) -> dict[str, Any]:
     """What the manifest's lineage records about the base model this process loaded."""
     resolved = _RESOLVED.get(uri)
