@@ -49,6 +49,7 @@ def test_hf_base_model_gets_the_endpoint_and_the_token_by_reference() -> None:
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}},
     }
     assert env["HF_HUB_DISABLE_TELEMETRY"]["value"] == "1"
+    assert env["HF_HUB_DISABLE_PROGRESS_BARS"]["value"] == "1"
     # a user's env can neither replace the token reference nor the operator's endpoint
     pod = _pod(
         baseModel={"uri": "hf://org/m", "secretRef": {"name": "hf"}},

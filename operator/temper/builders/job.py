@@ -162,8 +162,9 @@ def source_env(run: PostTrainingRun, config: OperatorConfig) -> list[dict[str, A
         env.append({"name": "HF_ENDPOINT", "value": config.hf_endpoint})
     base = run.spec.base_model
     uses_hub = base.uri.startswith("hf://") or any(d.uri.startswith("hf://") for d in run.spec.datasets)
-    if uses_hub:
+    if uses_hub:  # no phoning home, and no progress bars in the pod log
         env.append({"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"})
+        env.append({"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"})
     if base.uri.startswith("hf://") and base.secret_ref is not None:
         ref = {"name": base.secret_ref.name, "key": HF_TOKEN_KEY}
         env.append({"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": ref}})
