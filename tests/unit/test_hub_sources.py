@@ -45,13 +45,19 @@ def test_hf_model_is_pinned_to_a_commit_and_every_file_matches(
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
         (moved / name).write_bytes((model.folder / name).read_bytes())
     (moved / "NOTICE").write_text("second commit\n")
+    (moved / "original").mkdir()  # a Llama-style original checkpoint and .bin twins are never fetched
+    (moved / "original" / "consolidated.00.pth").write_bytes(b"x" * 1000)
+    (moved / "pytorch_model.bin").write_bytes(b"x" * 1000)
     new_sha = hub_env.add_repo("zoo/moving", moved)
     old = models.resolve_model(f"hf://{model.repo_id}@{model.sha}", None)
     assert old.revision == model.sha
     assert "NOTICE" not in _digests(old.path)
     now = models.resolve_model("hf://zoo/moving@main", None)
     assert now.revision == new_sha
-    assert _digests(now.path)["NOTICE"] == hashlib.sha256(b"second commit\n").hexdigest()
+    fetched = _digests(now.path)
+    assert fetched["NOTICE"] == hashlib.sha256(b"second commit\n").hexdigest()
+    assert "model.safetensors" in fetched
+    assert not {"pytorch_model.bin", "original/consolidated.00.pth"} & set(fetched)
 
 
 def test_hf_model_in_the_cache_needs_no_hub(hub_env: OlahHub, arch_models: dict[str, HubModel]) -> None:

@@ -114,8 +114,23 @@ def _hub_error(exc: Exception, where: str) -> Exception:
     return HubUnavailable(f"{where}: the Hub is unavailable: {type(exc).__name__}: {str(exc)[:300]}")
 
 
-def pin_revision(repo_id: str, revision: str | None, *, repo_type: str = "model") -> str:
-    """The commit sha ``revision`` (default ``main``) points to now."""
+# Files a transformers model folder never needs: original checkpoints (Llama's ``original/``),
+# other frameworks' and runtimes' weights. Downloading them would double an 8B model's bytes.
+IGNORED_MODEL_FILES = [
+    "original/*",
+    "*.pth",
+    "*.pt",
+    "*.gguf",
+    "*.onnx",
+    "onnx/*",
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+]
+
+
+def repo_revision(repo_id: str, revision: str | None, *, repo_type: str = "model") -> tuple[str, list[str]]:
+    """(commit sha ``revision`` (default ``main``) points to now, the files of that commit)."""
     from huggingface_hub import HfApi
 
     wanted = revision or "main"
@@ -129,7 +144,21 @@ def pin_revision(repo_id: str, revision: str | None, *, repo_type: str = "model"
     sha = getattr(info, "sha", None)
     if not sha or not _COMMIT_SHA.match(sha):
         raise ModelSourceError(f"{where}: the Hub returned no commit sha")
-    return str(sha)
+    return str(sha), [str(f.rfilename) for f in getattr(info, "siblings", None) or []]
+
+
+def pin_revision(repo_id: str, revision: str | None, *, repo_type: str = "model") -> str:
+    """The commit sha ``revision`` (default ``main``) points to now."""
+    return repo_revision(repo_id, revision, repo_type=repo_type)[0]
+
+
+def model_ignore_patterns(files: list[str]) -> list[str]:
+    """What not to download of a model repository: :data:`IGNORED_MODEL_FILES`, and the
+    PyTorch ``.bin`` weights where safetensors weights exist too."""
+    ignored = list(IGNORED_MODEL_FILES)
+    if any(f.endswith(".safetensors") for f in files):
+        ignored.append("*.bin")
+    return ignored
 
 
 def hf_snapshot(
@@ -142,10 +171,17 @@ def hf_snapshot(
     from huggingface_hub import snapshot_download
 
     cache = _hf_cache_dir()
+
+    def marker(sha: str) -> Path:
+        key = json.dumps([repo_type, repo_id, sha, allow_patterns])
+        return cache / ".temper-complete" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
     pinned = revision if revision and _COMMIT_SHA.match(revision) else None
-    sha = pinned or pin_revision(repo_id, revision, repo_type=repo_type)
-    key = hashlib.sha256(json.dumps([repo_type, repo_id, sha, allow_patterns]).encode()).hexdigest()[:24]
-    marker = cache / ".temper-complete" / key
+    files: list[str] = []
+    if pinned and marker(pinned).exists():
+        sha, local = pinned, True
+    else:
+        (sha, files), local = repo_revision(repo_id, revision, repo_type=repo_type), False
     try:
         folder = snapshot_download(
             repo_id,
@@ -153,13 +189,14 @@ def hf_snapshot(
             repo_type=repo_type,
             cache_dir=cache,
             allow_patterns=allow_patterns,
-            local_files_only=marker.exists(),
+            ignore_patterns=model_ignore_patterns(files) if repo_type == "model" else None,
+            local_files_only=local,
             **_hub_kwargs(),
         )
     except Exception as exc:  # HfHubHTTPError and the HTTP client's transport errors
         raise _hub_error(exc, f"hf://{repo_id}@{sha}") from exc
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{repo_type} {repo_id} {sha}\n")
+    marker(sha).parent.mkdir(parents=True, exist_ok=True)
+    marker(sha).write_text(f"{repo_type} {repo_id} {sha}\n")
     return Path(folder), sha
 
 
