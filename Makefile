@@ -5,7 +5,7 @@ export TEMPER_VENV := $(VENV)
 # Caches outside the clone keep warm CI runs fast; nothing depends on them existing.
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/temper/mypy
 
-.PHONY: all setup tools venv crds lint typecheck unit test demo clean-cluster
+.PHONY: all setup tools venv olah crds lint typecheck unit test demo clean-cluster
 
 all: test
 
@@ -15,7 +15,11 @@ tools:
 venv:
 	bash hack/setup-venv.sh
 
-setup: tools venv
+# olah, the Hub-compatible mirror the hub tests serve models from, in a venv of its own.
+olah:
+	bash hack/setup-olah.sh
+
+setup: tools venv olah
 
 crds: venv
 	$(PY) -m temper.api.crdgen

@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.operator",
     "tests.fixtures.kueue",
     "tests.fixtures.prometheus",
+    "tests.fixtures.hub",
 ]

@@ -4,7 +4,8 @@ It registers the Node (GPU capacity but no GPU taint: it is the cluster's genera
 where CPU-only pods land as on a real cluster, and GPU pods may land too),
 renews its Lease, watches its pods and runs each container's ``command`` + ``args`` locally in
 its own process group. Per pod it keeps a scratch dir ``<state>/pods/<ns>/<name>/<uid>/`` with
-``volumes/`` (emptyDir, configMap and secret files), ``home/``, ``tmp/``, ``logs/<c>.log`` and
+``volumes/`` (emptyDir, configMap and secret files; a persistentVolumeClaim maps to its bound
+PV's hostPath), ``home/``, ``tmp/``, ``logs/<c>.log`` and
 ``termination/<c>`` (the container's ``TEMPER_TERMINATION_LOG``).
 
 What it cannot honour it rejects by failing the pod with reason ``UnsupportedPodSpec``: other
@@ -45,7 +46,7 @@ HEARTBEAT_SECONDS = 10
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 POD_IP = "127.0.0.1"
-SUPPORTED_VOLUMES = ("emptyDir", "configMap", "secret")
+SUPPORTED_VOLUMES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim")
 UNSUPPORTED_REASON = "UnsupportedPodSpec"
 CONFIG_ERROR_REASON = "CreateContainerConfigError"
 
@@ -526,6 +527,10 @@ class PodRunner:
         dirs: dict[str, Path] = {}
         lookup = self.agent.lookup_for(self.namespace)
         for volume in self.pod["spec"].get("volumes") or []:
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"].get("claimName", "")
+                dirs[volume["name"]] = self.agent.claim_host_path(self.namespace, claim)
+                continue
             path = base / "volumes" / volume["name"]
             path.mkdir(parents=True, exist_ok=True)
             for kind, key, ref_key in (
@@ -678,6 +683,23 @@ class ExecNodeAgent:
                 raise
 
         return lookup
+
+    def claim_host_path(self, namespace: str, claim: str) -> Path:
+        """The local folder behind a PVC: its bound PV's hostPath (or local) path, as a node
+        would mount it. Read-only mounts are not enforced locally."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            if pvc.status is None or pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+                raise PodSpecError(f"persistentVolumeClaim {claim!r}: not bound")
+            pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+        except ApiException as err:
+            raise PodSpecError(f"persistentVolumeClaim {claim!r}: {err.reason}") from None
+        source = pv.spec.host_path or pv.spec.local
+        if source is None or not source.path:
+            raise PodSpecError(f"persistentVolumeClaim {claim!r}: its PV has no hostPath or local path")
+        return Path(source.path)
 
     def patch_status(self, pod: Pod, status: dict[str, Any]) -> None:
         meta = pod["metadata"]

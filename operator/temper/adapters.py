@@ -179,7 +179,12 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
         "stage": labels.get(LABEL_STAGE) or manifest.lineage.get("stage"),
         "datasets": [str(d) for d in manifest.lineage.get("datasets", [])][:1000],
         "trainerVersion": manifest.trainer_version,
+        "baseModel": manifest.base_model,
+        "baseModelRevision": manifest.lineage.get("baseModelRevision"),
     }
+    pinned = manifest.lineage.get("dataRevisions") or {}
+    if isinstance(pinned, dict):  # hf:// datasets, as uri@commit
+        lineage["datasets"] = (lineage["datasets"] + [f"{uri}@{sha}" for uri, sha in pinned.items()])[:1000]
     cycle = labels.get(LABEL_CYCLE)
     if cycle and cycle.isdigit():
         lineage["generation"] = int(cycle)

@@ -11,11 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from temper.api.common import ModelCache
 from temper.policy import NETWORK_ENV, POLICY_ENV, PlatformPolicy, TrainerNetwork
 
 T = TypeVar("T", PlatformPolicy, TrainerNetwork)
 
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/temper/trainer:0.1.0"
+DEFAULT_MODEL_CACHE_PATH = "/var/cache/temper/models"
 
 
 class ConfigError(ValueError):
@@ -98,6 +101,11 @@ class OperatorConfig:
     # Workers (and threads) for everything that talks to S3: progress, verification, continual
     # cycles, merges, retention. Separate from ``workers``, so S3 never holds up Job creation.
     storage_workers: int = 4
+    # Hub endpoint (an internal mirror) passed to trainer pods as HF_ENDPOINT; None: the public Hub.
+    hf_endpoint: str | None = None
+    # Default model-cache volume for runs whose spec.trainer.modelCache is absent.
+    model_cache: ModelCache = field(default_factory=ModelCache)
+    model_cache_path: str = DEFAULT_MODEL_CACHE_PATH
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -147,12 +155,47 @@ class OperatorConfig:
             lease_renew_seconds=renew,
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
+            storage_workers=_int(env, "TEMPER_STORAGE_WORKERS", 4, 1),
+            hf_endpoint=_hf_endpoint(env),
+            model_cache=_model_cache(env),
+            model_cache_path=_abs_path(env, "TEMPER_MODEL_CACHE_PATH", DEFAULT_MODEL_CACHE_PATH),
             policy=_policy(env, image),
             trainer_network=_settings(TrainerNetwork, env, NETWORK_ENV),
             test_failpoints=_bool(env, "TEMPER_TEST_FAILPOINTS", False),
             trainer_resources=_trainer_resources(env),
-            storage_workers=_int(env, "TEMPER_STORAGE_WORKERS", 4, 1),
         )
+
+
+def _hf_endpoint(env: Mapping[str, str]) -> str | None:
+    raw = env.get("TEMPER_HF_ENDPOINT", "").strip().rstrip("/")
+    if raw and not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"TEMPER_HF_ENDPOINT: expected an http(s):// URL, got {raw!r}")
+    return raw or None
+
+
+def _abs_path(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "") or default
+    if not raw.startswith("/") or ".." in raw.split("/"):
+        raise ConfigError(f"{name}: expected an absolute path, got {raw!r}")
+    return raw
+
+
+def _model_cache(env: Mapping[str, str]) -> ModelCache:
+    """TEMPER_MODEL_CACHE_{TYPE,SIZE,CLAIM,STORAGE_CLASS}, validated by the API model itself."""
+    from pydantic import ValidationError
+
+    fields = {
+        "type": env.get("TEMPER_MODEL_CACHE_TYPE", "") or "emptyDir",
+        "size": env.get("TEMPER_MODEL_CACHE_SIZE") or None,
+        "claimName": env.get("TEMPER_MODEL_CACHE_CLAIM") or None,
+        "storageClassName": env.get("TEMPER_MODEL_CACHE_STORAGE_CLASS") or None,
+    }
+    try:
+        return ModelCache.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "type"
+        raise ConfigError(f"TEMPER_MODEL_CACHE_*: {where}: {first['msg']}") from None
 
 
 def _settings(model: type[T], env: Mapping[str, str], name: str) -> T:

@@ -316,6 +316,12 @@ INVALID_CASES: list[Case] = [
     # storage and model
     _run("storage-not-s3", "storage.uri", "gs://bucket/x/", "spec.storage.uri"),
     _run("base-model-bad-scheme", "baseModel.uri", "ftp://models/x", "spec.baseModel.uri"),
+    _run("base-model-hf-no-org", "baseModel.uri", "hf://gpt2", "spec.baseModel.uri"),
+    _run("base-model-hf-dataset", "baseModel.uri", "hf://datasets/data", "spec.baseModel", "datasets"),
+    _run("base-model-pvc-dotdot", "baseModel.uri", "pvc://weights/../x", "spec.baseModel", "'..'"),
+    _run("dataset-hf-not-datasets", "datasets.0.uri", "hf://org/name", "spec.datasets[0].uri"),
+    _run("model-cache-ephemeral-no-size", "trainer", {"modelCache": {"type": "ephemeral"}}, "size"),
+    _run("model-cache-pvc-no-claim", "trainer", {"modelCache": {"type": "pvc"}}, "claimName"),
     _run("secret-name-invalid", "storage.secretRef.name", "Bad_Name", "spec.storage.secretRef.name"),
     _run("endpoint-without-scheme", "storage.endpointUrl", "minio:9000", "spec.storage.endpointUrl"),
     # continual

@@ -94,7 +94,9 @@ def test_cel_rules_are_attached_where_documented() -> None:
     assert "self == oldSelf" in rules
     peft = spec["properties"]["stages"]["items"]["properties"]["peft"]
     assert any("qlora" in r["rule"] for r in peft["x-kubernetes-validations"])
-    assert spec["properties"]["baseModel"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    assert "self == oldSelf" in {
+        r["rule"] for r in spec["properties"]["baseModel"]["x-kubernetes-validations"]
+    }
     assert "x-kubernetes-validations" not in spec["properties"]["suspend"]  # mutable
     adapter = crdgen.crds()["temper.dev_adapters.yaml"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     lifecycle = adapter["properties"]["spec"]["properties"]["lifecycle"]

@@ -181,6 +181,7 @@ def test_failed_attempt_whose_pod_never_started_stays_stalled_then_fails_naming_
             "StorageUnreachable",
         ),
         ("storage: AccessDenied", "StorageError"),
+        ("HubUnavailable: hf://org/m@main: the Hub is unavailable: ConnectError: refused", "HubUnreachable"),
         ("RuntimeError: CUDA out of memory", "StageFailed"),
     ],
 )

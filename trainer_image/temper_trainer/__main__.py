@@ -33,7 +33,7 @@ import temper_trainer
 
 log = logging.getLogger("temper_trainer")
 TERMINATION_LIMIT = 4096
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN")
 
 
 def redact(text: str) -> str:
@@ -79,6 +79,21 @@ def _contract_error(exc: Exception) -> str:
     return f"invalid {CONTRACT_ENV}: {exc}"
 
 
+def source_lineage(contract: StageContract) -> dict[str, Any]:
+    """The commits this stage's Hub base model and datasets were pinned to."""
+    from temper_trainer.data import HF_DATA_REVISIONS
+    from temper_trainer.models import base_model_lineage
+
+    out = base_model_lineage(contract.base_model)
+    data = contract.data
+    uris = {d.uri for d in [*data.train, *data.eval, *data.replay.datasets]}
+    uris |= {s.dataset.uri for s in contract.suites}
+    pinned = {uri: sha for uri, sha in HF_DATA_REVISIONS.items() if uri in uris}
+    if pinned:
+        out["dataRevisions"] = pinned
+    return out
+
+
 def manifest_fields(contract: StageContract, outcome: Any) -> dict[str, Any]:
     lineage: dict[str, Any] = {
         "run": {"namespace": contract.run.namespace, "name": contract.run.name, "uid": contract.run.uid},
@@ -89,6 +104,7 @@ def manifest_fields(contract: StageContract, outcome: Any) -> dict[str, Any]:
         "parent": contract.parent.manifest_uri if contract.parent else None,
     }
     lineage.update(outcome.lineage)
+    lineage.update(source_lineage(contract))
     return {
         "baseModel": contract.base_model,
         "method": outcome.method,
@@ -105,6 +121,7 @@ def run_stage(raw: str | None, workdir: Path | None = None) -> int:
     """Everything ``run`` does; returns the exit code."""
     from temper.storage import Storage, StorageError
 
+    from temper_trainer.models import inherit_parent_revision
     from temper_trainer.stage import StageContext, StageError
     from temper_trainer.stages import get_stage
 
@@ -158,6 +175,7 @@ def run_stage(raw: str | None, workdir: Path | None = None) -> int:
                 )
                 ctx.set_phase("done")
                 return EXIT_OK
+        inherit_parent_revision(contract, storage)  # the parent's base commit, not main's newest
         stage_fn = get_stage(contract.stage.type)
         outcome = stage_fn(ctx)
         ctx.set_phase("publishing")

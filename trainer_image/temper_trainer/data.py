@@ -155,8 +155,8 @@ def _read_bytes(uri: str, storage: Storage | None) -> bytes:
     return path.read_bytes()
 
 
-def _parse_file(name: str, uri: str, raw: bytes) -> list[Record]:
-    if uri.endswith(".parquet"):
+def _parse_file(name: str, uri: str, raw: bytes, filename: str | None = None) -> list[Record]:
+    if (filename or uri).endswith(".parquet"):
         import pyarrow.parquet as pq
 
         try:
@@ -203,10 +203,74 @@ def validate_records(name: str, fmt: str, records: list[Record]) -> None:
                     raise DataError(f"dataset {name!r} record {i}: field {key!r} must be a string")
 
 
+HF_DATA_SUFFIXES = (".parquet", ".jsonl")
+# Hub dataset revisions this process pinned, by URI: the runner records them in the lineage.
+HF_DATA_REVISIONS: dict[str, str] = {}
+
+
+def hf_data_files(uri: str) -> tuple[list[Path], str]:
+    """(local files, pinned commit sha) of ``hf://datasets/org/name[@rev][/path][?split=name]``.
+
+    A path names one file (or a folder of files); otherwise the split (default ``train``) is found
+    with the ``datasets`` library's own data-file conventions (``data/train-*.parquet``,
+    ``train.jsonl``, ``train/``...). Only Parquet and JSON Lines files are read."""
+    from datasets.data_files import get_data_patterns, resolve_pattern
+
+    from temper_trainer.models import ModelSourceError, hf_snapshot, parse_hf_uri
+
+    try:
+        repo_id, revision, sub, split = parse_hf_uri(uri, datasets=True)
+        if sub and split:
+            raise DataError(f"{uri}: give either a path in the repository or ?split=, not both")
+        suffixes = [f"*{s}" for s in HF_DATA_SUFFIXES]
+        allow = [sub, f"{sub}/**"] if sub else suffixes + [f"**/{s}" for s in suffixes]
+        folder, sha = hf_snapshot(repo_id, revision, repo_type="dataset", allow_patterns=allow)
+    except ModelSourceError as exc:  # permanent; HubUnavailable propagates and the stage retries
+        raise DataError(str(exc)) from exc
+    HF_DATA_REVISIONS[uri] = sha
+    if sub:
+        target = folder / sub
+        files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    else:
+        try:
+            patterns = get_data_patterns(str(folder))
+        except FileNotFoundError:
+            patterns = {}
+        wanted = split or "train"
+        if wanted not in patterns:
+            raise DataError(f"{uri}: no split {wanted!r} in the repository; found {sorted(patterns)}")
+        found: set[str] = set()
+        for pattern in patterns[wanted]:
+            try:
+                found.update(resolve_pattern(pattern, base_path=str(folder)))
+            except FileNotFoundError:
+                continue
+        files = sorted(Path(f) for f in found)
+    files = [f for f in files if f.is_file() and f.name.endswith(HF_DATA_SUFFIXES)]
+    if not files:
+        raise DataError(f"{uri}: no .parquet or .jsonl files at revision {sha}")
+    return files, sha
+
+
+def _hf_records(spec: DatasetSpec) -> list[Record]:
+    records: list[Record] = []
+    files, sha = hf_data_files(spec.uri)
+    for path in files:
+        records.extend(
+            _parse_file(spec.name, f"{spec.uri} ({path.name}@{sha[:12]})", path.read_bytes(), path.name)
+        )
+    return records
+
+
 def load_records(spec: DatasetSpec, storage: Storage | None = None) -> list[Record]:
     """One dataset's records, validated for its format and tagged with its task."""
     if spec.uri.startswith("builtin://"):
         records = builtin_records(spec.uri, spec.format, spec.task)
+    elif spec.uri.startswith("hf://"):
+        records = _hf_records(spec)
+        if spec.task:
+            for record in records:
+                record["task"] = spec.task
     else:
         records = _parse_file(spec.name, spec.uri, _read_bytes(spec.uri, storage))
         if spec.task:

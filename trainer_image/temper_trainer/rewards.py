@@ -111,7 +111,7 @@ def load_reward_model(folder: Path, storage: Any, device: torch.device) -> tuple
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from temper_trainer.models import resolve_model_dir
+    from temper_trainer.models import manifest_base_uri, resolve_model_dir
 
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest.get("stageType") != REWARD_MODEL_STAGE:
@@ -121,7 +121,7 @@ def load_reward_model(folder: Path, storage: Any, device: torch.device) -> tuple
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base_dir = resolve_model_dir(manifest["baseModel"], storage)
+        base_dir = resolve_model_dir(manifest_base_uri(manifest), storage)
         tokenizer = AutoTokenizer.from_pretrained(
             str(folder if (folder / "tokenizer.json").exists() else base_dir)
         )

@@ -162,6 +162,12 @@ class Lineage(ApiModel):
     )
     sources: list[str] = doc("Merge sources, if merged.", default_factory=list, max_length=16)
     trainer_version: str | None = doc("Trainer version that wrote it.", default=None, max_length=128)
+    base_model: str | None = doc("The base model's URI, as the run named it.", default=None)
+    base_model_revision: str | None = doc(
+        "The commit an hf:// base model was pinned to (a branch or tag resolved when the stage started).",
+        default=None,
+        max_length=64,
+    )
 
 
 class Servable(ApiModel):

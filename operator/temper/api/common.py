@@ -141,16 +141,106 @@ class S3Options(ApiModel):
     )
 
 
+# Source URIs. hf:// repository ids are org/name of [A-Za-z0-9._-]; a revision follows '@' (a
+# branch, tag or commit; '/' in it written %2F). pvc:// names a claim and a folder on it.
+_HF_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._%-]+)?"
+MODEL_URI = rf"^(builtin://.+|s3://.+|hf://{_HF_REPO}|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?|/.*)$"
+DATA_URI = rf"^((s3|builtin)://.+|hf://datasets/{_HF_REPO}(/[^?]*)?(\?split=[A-Za-z0-9._-]+)?|/.*)$"
+_NO_DOTDOT = "must not contain '..' path segments"
+_HF_NOT_DATASET = "uri: a base model is hf://org/name[@revision], not hf://datasets/..."
+
+
+def no_dotdot_rule(path: str = "uri") -> dict[str, str]:
+    return rule(f"!self.{path}.matches('(^|/)[.][.](/|$)')", f"{path}: {_NO_DOTDOT}", f".{path}")
+
+
+def has_dotdot(value: str) -> bool:
+    return ".." in value.split("?", maxsplit=1)[0].split("/")
+
+
 class ModelSource(ApiModel):
     """Where the frozen base weights come from."""
 
+    model_config = {
+        "json_schema_extra": cel(
+            no_dotdot_rule(),
+            rule("!self.uri.startsWith('hf://datasets/')", _HF_NOT_DATASET, ".uri"),
+        )
+    }
+
     uri: str = doc(
-        "builtin://tiny, s3://bucket/prefix/, hf://org/name, pvc://claim/path or an absolute path in the "
-        "trainer image.",
+        "builtin://tiny; hf://org/name[@revision] (a Hugging Face Hub repository, or the operator's "
+        "HF_ENDPOINT mirror; a branch or tag is pinned to its commit when the stage starts); "
+        "pvc://claim/path (a PersistentVolumeClaim in the run's namespace, mounted read-only); "
+        "s3://bucket/prefix/; or an absolute path in the trainer image.",
         max_length=DEFAULT_MAX_LENGTH,
-        pattern=r"^((s3|hf|pvc|builtin)://.+|/.*)$",
+        pattern=MODEL_URI,
     )
-    secret_ref: SecretRef | None = doc("Credentials for an s3:// or hf:// source.", default=None)
+    secret_ref: SecretRef | None = doc(
+        "Credentials: for hf://, a Secret whose key HF_TOKEN holds a Hub token (it also reads hf:// "
+        "datasets); for s3://, AWS keys.",
+        default=None,
+    )
+
+    @model_validator(mode="after")
+    def _uri_rules(self) -> ModelSource:
+        if has_dotdot(self.uri):
+            raise FieldError(f"uri: {_NO_DOTDOT}")
+        if self.uri.startswith("hf://datasets/"):
+            raise FieldError(_HF_NOT_DATASET)
+        return self
+
+
+ModelCacheType = Literal["emptyDir", "ephemeral", "pvc"]
+_CACHE_SIZE = "size: required for an ephemeral model cache"
+_CACHE_CLAIM = "claimName: required for, and only for, a pvc model cache"
+_CACHE_CLASS = "storageClassName: only an ephemeral model cache takes a storage class"
+
+
+class ModelCache(ApiModel):
+    """The ``model-cache`` volume where trainer pods keep downloaded base models and datasets.
+
+    emptyDir: per pod, on the node's disk (or memory), gone with the pod; ephemeral: a generic
+    ephemeral volume (a claim per pod from a storage class, e.g. node-local NVMe); pvc: an existing
+    claim in the run's namespace, shared by every stage of every run that mounts it (ReadWriteMany
+    for runs on several nodes), so a base model is downloaded once."""
+
+    model_config = {
+        "json_schema_extra": cel(
+            rule("self.type != 'ephemeral' || has(self.size)", _CACHE_SIZE, ".size"),
+            rule("(self.type == 'pvc') == has(self.claimName)", _CACHE_CLAIM, ".claimName"),
+            rule(
+                "self.type == 'ephemeral' || !has(self.storageClassName)", _CACHE_CLASS, ".storageClassName"
+            ),
+        )
+    }
+
+    type: ModelCacheType = doc("emptyDir, ephemeral or pvc.", default="emptyDir")
+    size: str | None = doc(
+        "emptyDir: its sizeLimit; ephemeral: the storage each pod's claim requests (e.g. 200Gi).",
+        default=None,
+        max_length=64,
+        pattern=QUANTITY_PATTERN,
+    )
+    claim_name: str | None = doc(
+        "pvc: the claim's name.", default=None, max_length=DNS_SUBDOMAIN_MAX, pattern=DNS_SUBDOMAIN
+    )
+    storage_class_name: str | None = doc(
+        "ephemeral: the storage class; the cluster default when absent.",
+        default=None,
+        max_length=DNS_SUBDOMAIN_MAX,
+        pattern=DNS_SUBDOMAIN,
+    )
+
+    @model_validator(mode="after")
+    def _by_type(self) -> ModelCache:
+        if self.type == "ephemeral" and self.size is None:
+            raise FieldError(_CACHE_SIZE)
+        if (self.type == "pvc") != (self.claim_name is not None):
+            raise FieldError(_CACHE_CLAIM)
+        if self.type != "ephemeral" and self.storage_class_name is not None:
+            raise FieldError(_CACHE_CLASS)
+        return self
 
 
 # -- conditions --------------------------------------------------------------------------------

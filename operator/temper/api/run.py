@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from temper.api import contract
 from temper.api.common import (
+    DATA_URI,
     DNS_LABEL,
     DNS_LABEL_MAX,
     DNS_SUBDOMAIN,
@@ -24,6 +25,7 @@ from temper.api.common import (
     ApiModel,
     Condition,
     FieldError,
+    ModelCache,
     ModelSource,
     S3Options,
     cel,
@@ -44,7 +46,6 @@ TRAINING_TYPES = ("sft", "dpo", "grpo", "reward-model", "synthetic-preferences")
 PREFERENCE_TYPES = ("dpo", "reward-model")
 REWARDED_TYPES = ("grpo", "synthetic-preferences")
 S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-DATA_URI = r"^((s3|builtin)://.+|/.*)$"
 
 Quantity = int | str
 _QUANTITY_SCHEMA = {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}
@@ -64,8 +65,11 @@ class Dataset(ApiMixin, contract.DatasetSpec):
         "Unique name within the run, referenced by stages.", max_length=DNS_LABEL_MAX, pattern=DNS_LABEL
     )
     uri: str = doc(
-        "s3://bucket/key.jsonl or .parquet (read with spec.storage's credentials), an absolute path in "
-        "the trainer image, or builtin://<task>?n=<count>&seed=<int>&split=train|eval (tasks: arith, "
+        "s3://bucket/key.jsonl or .parquet (read with spec.storage's credentials); "
+        "hf://datasets/org/name[@revision] with an optional /path/in/repo or ?split=name (default "
+        "train; Parquet and JSON Lines files, laid out as the datasets library expects; pinned to a "
+        "commit like base models); an absolute path in the trainer image; or "
+        "builtin://<task>?n=<count>&seed=<int>&split=train|eval (tasks: arith, "
         "subtract) for offline demos and tests.",
         max_length=1024,
         pattern=DATA_URI,
@@ -796,6 +800,11 @@ class Trainer(ApiModel):
         default_factory=list,
         max_length=32,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    model_cache: ModelCache | None = doc(
+        "The model-cache volume for this run's pods; the operator's default (chart value "
+        "trainer.modelCache) when absent.",
+        default=None,
     )
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from temper.api.common import ModelCache
 from temper.api.contract import CONTRACT_ENV, EXIT_PREEMPTED, NON_RETRYABLE_EXIT_CODES, StageContract
 from temper.api.run import PostTrainingRun, Stage
 from temper.builders.contract import UnresolvedReference, spec_hash
@@ -122,6 +123,7 @@ def _env(
             },
         ]
     env += _failpoint_env(run, config)
+    env += source_env(run, config)
     trainer = run.spec.trainer
     reserved = {e["name"] for e in env}
     if trainer is not None:
@@ -153,6 +155,89 @@ def _failpoint_env(run: PostTrainingRun, config: OperatorConfig) -> list[dict[st
             f"metadata.annotations[{FAILPOINTS_ANNOTATION}]: must map {FAILPOINT_PREFIX}* names to strings"
         )
     return [{"name": k, "value": v} for k, v in sorted(points.items())]
+
+
+# -- where models and data come from: the Hub, PVCs and the model cache ------------------------------
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_ENV = "TEMPER_MODEL_CACHE"
+PVC_MOUNTS_ENV = "TEMPER_PVC_MOUNTS"
+PVC_MOUNT_ROOT = "/mnt/temper/pvc"
+BASE_MODEL_VOLUME = "base-model"
+HF_TOKEN_KEY = "HF_TOKEN"  # noqa: S105 - the Secret key name, not a value
+
+
+def _user_env(run: PostTrainingRun) -> dict[str, str]:
+    trainer = run.spec.trainer
+    return {e.name: e.value for e in trainer.env} if trainer is not None else {}
+
+
+def model_cache_choice(run: PostTrainingRun, config: OperatorConfig) -> ModelCache | None:
+    """The run's model cache (or the operator's); None when spec.trainer.env sets TEMPER_MODEL_CACHE
+    itself: the user then points it at a place of their own and the operator mounts nothing there."""
+    if MODEL_CACHE_ENV in _user_env(run):
+        return None
+    trainer = run.spec.trainer
+    return (trainer.model_cache if trainer is not None else None) or config.model_cache
+
+
+def _pvc_claim(run: PostTrainingRun) -> str | None:
+    uri = run.spec.base_model.uri
+    return uri.removeprefix("pvc://").split("/", 1)[0] if uri.startswith("pvc://") else None
+
+
+def source_env(run: PostTrainingRun, config: OperatorConfig) -> list[dict[str, Any]]:
+    """HF_ENDPOINT, HF_TOKEN (by secretKeyRef), the model cache's path and the PVC mount map."""
+    env: list[dict[str, Any]] = []
+    if config.hf_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": config.hf_endpoint})
+    base = run.spec.base_model
+    uses_hub = base.uri.startswith("hf://") or any(d.uri.startswith("hf://") for d in run.spec.datasets)
+    if uses_hub:  # no phoning home, and no progress bars in the pod log
+        env.append({"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"})
+        env.append({"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"})
+    if base.uri.startswith("hf://") and base.secret_ref is not None:
+        ref = {"name": base.secret_ref.name, "key": HF_TOKEN_KEY}
+        env.append({"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": ref}})
+    if model_cache_choice(run, config) is not None:
+        env.append({"name": MODEL_CACHE_ENV, "value": config.model_cache_path})
+    claim = _pvc_claim(run)
+    if claim is not None:
+        env.append({"name": PVC_MOUNTS_ENV, "value": json.dumps({claim: f"{PVC_MOUNT_ROOT}/{claim}"})})
+    return env
+
+
+def _model_cache_volume(cache: ModelCache) -> dict[str, Any]:
+    if cache.type == "pvc":
+        return {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    if cache.type == "ephemeral":
+        claim: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": cache.size}},
+        }
+        if cache.storage_class_name:
+            claim["storageClassName"] = cache.storage_class_name
+        template = {"metadata": {"labels": {LABEL_COMPONENT: "model-cache"}}, "spec": claim}
+        return {"name": MODEL_CACHE_VOLUME, "ephemeral": {"volumeClaimTemplate": template}}
+    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": cache.size} if cache.size else {}}
+
+
+def source_volume_specs(
+    run: PostTrainingRun, config: OperatorConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts): the model cache, and a pvc:// base model's claim, read-only."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    cache = model_cache_choice(run, config)
+    if cache is not None:
+        volumes.append(_model_cache_volume(cache))
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": config.model_cache_path})
+    claim = _pvc_claim(run)
+    if claim is not None:
+        volumes.append(
+            {"name": BASE_MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": BASE_MODEL_VOLUME, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    return volumes, mounts
 
 
 def build_job(
@@ -194,6 +279,8 @@ def build_job(
     }
     if nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": config.master_port})
+    source_volumes, source_mounts = source_volume_specs(run, config)
+    container["volumeMounts"] += source_mounts
     resources = _resources(stage, run, config)
     if resources:
         container["resources"] = resources
@@ -209,7 +296,7 @@ def build_job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *source_volumes],
     }
     if res is not None:
         if res.node_selector:

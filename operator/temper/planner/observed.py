@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +58,12 @@ def stage_reason(state: str, message: str) -> str:
     if state == "Running":
         return "StageRunning"
     return KUEUE_QUEUED_REASON if KUEUE_WAITING in message else "StagePending"
+
+
+# A pod the scheduler cannot place because a claim it mounts (a pvc:// base model, the model
+# cache) does not exist: fixable by creating the claim, so the run stalls rather than fails.
+CLAIM_NOT_FOUND = "ClaimNotFound"
+_CLAIM_MISSING = re.compile(r'persistentvolumeclaim "([^"]+)" not found')
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -187,7 +194,20 @@ def _stuck_waiting(pods: list[dict[str, Any]]) -> tuple[str, str]:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in STUCK_WAITING_REASONS:
                 return str(waiting["reason"]), str(waiting.get("message") or "")
+        missing = _missing_claim(pod)
+        if missing:
+            return CLAIM_NOT_FOUND, f"persistentvolumeclaim {missing!r} not found"
     return "", ""
+
+
+def _missing_claim(pod: dict[str, Any]) -> str | None:
+    """The claim an unschedulable pod waits for, from the scheduler's PodScheduled message."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            match = _CLAIM_MISSING.search(str(cond.get("message") or ""))
+            if match:
+                return match.group(1)
+    return None
 
 
 AdapterReadiness = Literal["True", "False", "Unknown"]

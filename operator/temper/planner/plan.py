@@ -213,6 +213,8 @@ def _failure_cause(job: ObservedJob) -> str | None:
         return None
     if error.startswith("InvalidInput: baseModel"):
         return "BaseModelNotFound"
+    if error.startswith("HubUnavailable:"):  # an hf:// model or dataset the Hub did not serve
+        return "HubUnreachable"
     # botocore's connection errors, wrapped in the trainer's StorageError or not, after its retries
     if any(marker in error for marker in UNREACHABLE_MARKERS):
         return "StorageUnreachable"
