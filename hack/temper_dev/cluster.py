@@ -237,6 +237,8 @@ class Cluster:
     bin_dir: Path = field(default_factory=default_bin_dir)
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    # How the exec node runs pods: "process" (host processes, fast) or "container" (podman/runc).
+    runtime: str = "process"
     # Children started by this process, kept so their exit status can be reported.
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
@@ -457,6 +459,8 @@ class Cluster:
                 self.kubeconfig,
                 "--state-dir",
                 str(self.state_dir),
+                "--runtime",
+                self.runtime,
             ]
         builders = {
             "etcd": self._etcd_args,
@@ -623,7 +627,8 @@ class Cluster:
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             return False
         marker = "temper_dev.execnode" if name == "execnode" else str(self.bin_dir / name)
-        return marker in cmdline and str(self.state_dir) in cmdline
+        runtime_ok = name != "execnode" or f"\0--runtime\0{self.runtime}\0" in cmdline
+        return marker in cmdline and str(self.state_dir) in cmdline and runtime_ok
 
     def _all_alive(self) -> bool:
         return all(self.pids.get(n) and self._is_ours(n, self.pids[n]) for n in COMPONENTS)

@@ -7,6 +7,7 @@ with an error naming the variable, never later in a reconcile.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -54,6 +55,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
+def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", raw):
+        raise ConfigError(f"{name}: expected a byte quantity such as 512Mi or 2Gi, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -80,6 +90,10 @@ class OperatorConfig:
     lease_renew_seconds: float = 5.0
     identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"temper-{os.getpid()}")
     workers: int = 8
+    # Trainer pods: None leaves the UID to the image (or to the platform, e.g. OpenShift's SCC).
+    trainer_run_as_user: int | None = None
+    trainer_shm_size: str = "1Gi"
+    trainer_tmp_size: str = "4Gi"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -122,4 +136,9 @@ class OperatorConfig:
             lease_renew_seconds=renew,
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
+            trainer_run_as_user=_int(env, "TEMPER_TRAINER_RUN_AS_USER", -1, 1)
+            if env.get("TEMPER_TRAINER_RUN_AS_USER")
+            else None,
+            trainer_shm_size=_quantity(env, "TEMPER_TRAINER_SHM_SIZE", "1Gi"),
+            trainer_tmp_size=_quantity(env, "TEMPER_TRAINER_TMP_SIZE", "4Gi"),
         )
