@@ -2,13 +2,18 @@
 
     python bench/chaos.py [--runs 20] [--seed 7] [--small] [--json-out report.json]
 
+The operator runs as users run it: ``helm install charts/temper`` from the locally built operator
+image, a Deployment pod on the exec node (container mode). Trainer pods run from the trainer image.
+
 Runs: most are SFT -> DPO -> eval on kwok GPU nodes (their adapters are pre-published to S3
 where the trainer would put them; the operator still verifies every byte); every
 ``EXEC_EVERY``-th run (at least one) is SFT -> eval on the exec node with the REAL trainer (tiny
 model, checkpoints every ``CHECKPOINT_EVERY`` steps).
 
 Faults, at seeded random moments while the runs advance:
-- ``operator_kill``: the operator SIGKILLed and restarted (several times);
+- ``operator_kill``: the operator's process SIGKILLed in its pod; the exec node restarts the
+  container (restartPolicy Always), as a kubelet does (several times);
+- ``operator_pod_kill``: the operator's pod deleted with no grace; its Deployment brings a new one;
 - ``apiserver_restart``: kube-apiserver stopped and started again (once);
 - ``s3_outage``: S3 blackholed for a few seconds (a TCP proxy in front of moto; no data lost);
 - ``preemption``: an exec trainer pod deleted once its first checkpoint is complete;
@@ -44,16 +49,29 @@ sys.path.insert(0, str(REPO))
 from temper.api.contract import StorageConfig  # noqa: E402
 from temper.storage import Storage, StorageError  # noqa: E402
 from temper_dev.cluster import Cluster  # noqa: E402
+from temper_dev.incluster import HelmOperator, build_images  # noqa: E402
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server  # noqa: E402
 
 from tests.cluster.test_operator_pipeline import Api, pipeline, publish  # noqa: E402
-from tests.fixtures.operator import OperatorProcess, install_crds  # noqa: E402
+from tests.fixtures.operator import install_crds  # noqa: E402
 
 EXEC = {"nodeSelector": {"kubernetes.io/hostname": "exec-node"}}
 EXEC_EVERY = 5
 TRAIN_STEPS = 24
 CHECKPOINT_EVERY = 4
-FAULT_KINDS = ("operator_kill", "apiserver_restart", "s3_outage", "preemption", "publish_crash")
+FAULT_KINDS = (
+    "operator_kill",
+    "operator_pod_kill",
+    "apiserver_restart",
+    "s3_outage",
+    "preemption",
+    "publish_crash",
+)
+FAST_ENV = {
+    "TEMPER_LEASE_RENEW_SECONDS": "1",
+    "TEMPER_PROGRESS_INTERVAL_SECONDS": "0.5",
+    "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS": "1",
+}
 _SIGTERM_AT = re.compile(r"SIGTERM at step (\d+)/")
 _RESUMED_AT = re.compile(r"resuming from checkpoint step (\d+)")
 
@@ -75,7 +93,7 @@ class Campaign:
     kwok_runs: list[str] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
     harness_errors: int = 0
-    operator_self_exits: int = 0
+    operator_restarts: int = 0
     s3_outage_seconds: float = 0.0
     _outage_began: float = 0.0
 
@@ -89,7 +107,7 @@ class Campaign:
         )
 
     # setup
-    def prepare(self) -> OperatorProcess:
+    def prepare(self) -> HelmOperator:
         from kubernetes import client
 
         with self.cluster.api_client() as api:
@@ -110,10 +128,16 @@ class Campaign:
                 },
             )
         install_crds(self.cluster)
-        env = {"TEMPER_DEFAULT_STORAGE_ENDPOINT": self.s3.endpoint_url}
-        operator = OperatorProcess(self.cluster, self.namespace, "chaos-op", self.work, env)
-        operator.start().wait_role("leader", timeout=60)
-        return operator
+        operator = HelmOperator(
+            Path(self.cluster.kubeconfig),
+            self.namespace,
+            self.cluster.state_dir,
+            helm=self.cluster.bin("helm"),
+            storage_endpoint=self.s3.endpoint_url,
+            extra_env=FAST_ENV,
+            lease_seconds=3,
+        )
+        return operator.install(timeout=180)
 
     def run_names(self) -> list[str]:
         n_exec = 1 if self.small else max(1, self.runs // EXEC_EVERY)
@@ -155,7 +179,7 @@ class Campaign:
         ]
         body = pipeline(name, self.bucket, stages=stages)
         body["spec"]["storage"]["endpointUrl"] = self.s3.endpoint_url
-        trainer_env = [{"name": "TEMPER_MODEL_CACHE", "value": str(self.model_dir)}]
+        trainer_env: list[dict[str, str]] = []  # the image's baked tiny model: nothing to share
         if index % 2 == 0:  # every other exec run also crashes mid-publish (attempts 1-2 may)
             trainer_env += [
                 {"name": "TEMPER_FAILPOINT", "value": "publish-before-manifest"},
@@ -170,15 +194,18 @@ class Campaign:
         kills = 2 if self.small else 6
         outages = 1 if self.small else 3
         plan = [(self.rng.uniform(0.1, 0.8) * horizon, "operator_kill") for _ in range(kills)]
+        plan += [(self.rng.uniform(0.3, 0.7) * horizon, "operator_pod_kill")]
         plan += [(self.rng.uniform(0.2, 0.6) * horizon, "apiserver_restart")]
         for _ in range(outages):
             begin = self.rng.uniform(0.1, 0.7) * horizon
             plan += [(begin, "s3_outage"), (begin + self.rng.uniform(3.0, 6.0), "s3_restore")]
         return sorted(plan)
 
-    def inject(self, kind: str, operator: OperatorProcess) -> None:
+    def inject(self, kind: str, operator: HelmOperator) -> None:
         if kind == "operator_kill":
-            operator.restart()
+            operator.kill_process()
+        elif kind == "operator_pod_kill":
+            _say(f"deleted operator pod {operator.kill_pod() or '(none running)'}")
         elif kind == "apiserver_restart":
             # In the background: the other faults keep their moments while it restarts.
             threading.Thread(target=self.cluster.restart, args=("kube-apiserver",), daemon=True).start()
@@ -241,12 +268,6 @@ class Campaign:
                 kind = plan.pop(0)[1]
                 _say(f"t={now:5.1f}s inject {kind}")
                 self.inject(kind, operator)
-            if operator.proc is not None and operator.proc.poll() is not None:
-                # It exits by design when it cannot renew its Lease (apiserver down): restart
-                # it as its Deployment would.
-                _say(f"t={now:5.1f}s operator exited ({operator.proc.returncode}); restarting")
-                self.operator_self_exits += 1
-                operator.start()
             for probe in ("preempt", "terminal"):
                 try:
                     if probe == "preempt":
@@ -264,9 +285,11 @@ class Campaign:
             time.sleep(0.3)
         self.faults["publish_crash"] = self.count_publish_crashes()
         try:
+            # Kills and self-exits (it exits by design when it cannot renew its Lease) alike.
+            self.operator_restarts = operator.restarts()
             report = self.report(api, names, terminal)
         finally:
-            operator.stop()
+            operator.uninstall()
         report["wall_seconds"] = round(time.monotonic() - started, 1)
         return report
 
@@ -343,7 +366,7 @@ class Campaign:
             "crash_steps_redone": redone["crash"],
             "faults": {k: self.faults.get(k, 0) for k in FAULT_KINDS},
             "s3_outage_seconds": round(self.s3_outage_seconds, 1),
-            "operator_self_exits": self.operator_self_exits,
+            "operator_container_restarts": self.operator_restarts,
             "harness_api_errors": self.harness_errors,
         }
 
@@ -450,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = ensure_tiny_model().parent
     with tempfile.TemporaryDirectory(prefix="temper-chaos-") as tmp:
-        cluster = Cluster(state_dir=Path(tmp) / "cluster")
+        build_images(Path(tmp) / "build-images.log")
+        cluster = Cluster(state_dir=Path(tmp) / "cluster", runtime="container")
         cluster.up(timeout=120)
         try:
             report = run_campaign(cluster, Path(tmp), model_dir, runs=runs, seed=args.seed, small=args.small)

@@ -84,5 +84,6 @@ for target in ${targets[*]}; do
     *) log "unknown image $target (operator, trainer)"; exit 2 ;;
   esac
 done
-# Superseded builds and dangling layers would otherwise fill the cache across CI runs.
-podman image prune --force >/dev/null 2>&1 || true
+# Superseded final images would otherwise fill the cache across CI runs; untagged stage images
+# (the dependency layers) are kept: they are the build cache.
+podman image prune --force --filter label=temper.dev/context >/dev/null 2>&1 || true

@@ -239,12 +239,13 @@ class ContainerState:
     started_at: str = ""
     finished_at: str = ""
     restart_count: int = 0
+    image_id: str = ""
 
     def as_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "name": self.name,
             "image": self.image,
-            "imageID": "",
+            "imageID": self.image_id,
             "restartCount": self.restart_count,
             "ready": self.state == "running",
             "started": self.state == "running",
@@ -765,6 +766,7 @@ class PodRunner:
             state.state, state.reason, state.exit_code = "terminated", "Error", 137
             state.finished_at = now_rfc3339()
             return
+        state.image_id = image.id if image.id.startswith("sha256:") else f"sha256:{image.id}"
         term = self.scratch / "termination" / name
         term.write_text("")
         term.chmod(0o666)  # the container's UID writes it, whatever that is

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -51,7 +52,9 @@ class ContainerConfigError(ValueError):
 
 def storage_env(cache: Path | None = None) -> dict[str, str]:
     """CONTAINERS_* for the one storage and config that hack/setup-host.sh writes."""
-    root = (cache or Path(os.environ.get("TEMPER_CACHE") or Path.home() / ".cache" / "temper")) / "containers"
+    # The account's home, not $HOME: the hermetic cluster gives its components their own HOME.
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    root = (cache or Path(os.environ.get("TEMPER_CACHE") or home / ".cache" / "temper")) / "containers"
     return {
         "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
         "CONTAINERS_CONF": str(root / "containers.conf"),

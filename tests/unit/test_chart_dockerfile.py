@@ -64,10 +64,12 @@ def test_exposes_the_chart_ports_and_runs_the_operator_module() -> None:
 @pytest.mark.parametrize("dockerfile", [DOCKERFILE, TRAINER_DOCKERFILE], ids=["operator", "trainer"])
 def test_base_images_are_python_311_by_build_arg_only(dockerfile: Path) -> None:
     # The hermetic build (hack/build-images.sh) swaps the base through this ARG and nothing else.
+    stages: set[str] = set()
     for op, arg in instructions(dockerfile):
         if op == "FROM":
             assert ":latest" not in arg
-            assert arg.split()[0] == "${PYTHON_IMAGE}", arg
+            assert arg.split()[0] in {"${PYTHON_IMAGE}", *stages}, arg
+            stages.add(arg.split()[-1])
     (default,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile.read_text(), re.M)
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim-\w+(@sha256:[0-9a-f]{64})?", default)
 
@@ -84,7 +86,10 @@ def build_context(dockerfile: Path, tmp_path: Path) -> Path:
             dest = context / source
             if src.is_dir():
                 shutil.copytree(
-                    src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "Dockerfile")
+                    src,
+                    dest,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "Dockerfile"),
+                    dirs_exist_ok=True,
                 )
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +236,15 @@ def test_no_image_and_no_wheel_holds_the_test_harness(tmp_path: Path) -> None:
             if op in ("COPY", "ADD"):
                 assert "hack" not in arg, f"{dockerfile}: {arg}"
                 assert "tests" not in arg, f"{dockerfile}: {arg}"
+        # The code is importable from /opt/temper-src, one folder per product package.
+        stage = final_stage(dockerfile)
+        env = " ".join(arg for op, arg in stage if op == "ENV")
+        assert "PYTHONPATH=/opt/temper-src" in env
+        for op, arg in stage:
+            if op == "COPY" and not arg.startswith("--from"):
+                source, dest = arg.split()
+                assert source in ("operator/temper", "trainer_image/temper_trainer"), arg
+                assert dest == f"/opt/temper-src/{Path(source).name}", arg
     ignore = (ROOT / ".containerignore").read_text().splitlines()
     assert ignore[[line.strip() for line in ignore].index("*")] == "*", "the context is an allowlist"
     assert not any(line.startswith("!hack") or line.startswith("!tests") for line in ignore)

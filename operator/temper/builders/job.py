@@ -159,7 +159,9 @@ def build_job(
         "command": ["python", "-m", "temper_trainer", "run"],
         "env": _env(run, contract, name, nodes, config),
         "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
-        "terminationMessagePolicy": "File",
+        # The trainer writes its StageResult there; a container that dies before (a wrong image,
+        # an import error) still says why through its log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_security, container["securityContext"] = _security_contexts(config)
     volumes, container["volumeMounts"], path_env = _volumes(config)
