@@ -16,6 +16,9 @@ BASE_RECIPE="mmdebstrap --variant=minbase --include=python3,python3-venv,python-
 CACHE=${TEMPER_CACHE:-$HOME/.cache/temper}
 # Host CA bundle and pip settings reach RUN steps as read-only mounts, never a layer.
 CA=${TEMPER_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+# Bump when a change here changes what goes into the images (the hash covers everything else).
+RECIPE=2
+STAMPS=$CACHE/containers/built
 log() { echo "[build-images] $*" >&2; }
 
 base_image() {
@@ -44,7 +47,8 @@ context_hash() {
   local dockerfile=$1; shift
   {
     podman image inspect --format '{{.Id}}' "$BASE"
-    sha256sum hack/build-images.sh .containerignore "$dockerfile"
+    echo "recipe $RECIPE"
+    sha256sum .containerignore "$dockerfile"
     git ls-files -co --exclude-standard -- "$@" | grep -v -e '__pycache__' -e '\.pyc$' | LC_ALL=C sort \
       | while read -r f; do [ -f "$f" ] && sha256sum "$f"; done
   } | sha256sum | cut -c1-16
@@ -53,23 +57,31 @@ context_hash() {
 build() {
   local name=$1 dockerfile=$2; shift 2
   local hash; hash=$(context_hash "$dockerfile" "$@")
-  local image=localhost/temper-$name
-  if [ "$(podman image inspect --format '{{index .Labels "temper.dev/context"}}' "$image:$TAG" 2>/dev/null)" = "$hash" ]; then
+  local image=localhost/temper-$name stamp=$STAMPS/temper-$name-$TAG
+  # Current when the stamp names this hash and the image it recorded is still the tag's.
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash $(podman image inspect --format '{{.Id}}' "$image:$TAG" 2>/dev/null)" ]; then
     log "temper-$name:$TAG is current ($hash)"
     return
   fi
   log "building temper-$name:$TAG ($hash) from $dockerfile"
-  local started=$SECONDS pipconf
-  pipconf=$(mktemp "$CACHE/pip.conf.XXXX")
+  local started=$SECONDS pipconf=$CACHE/containers/pip.conf
+  # Fixed paths and no --label: anything that varies between builds would bust the layer cache.
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\ndisable-pip-version-check = true\n' > "$pipconf"
   mkdir -p "$CACHE/buildah-tmp"
-  # TMPDIR: buildah keeps RUN cache mounts (pip's wheel cache) under it, so they persist in ~/.cache.
-  TMPDIR="$CACHE/buildah-tmp" nice -n 10 buildah bud --quiet --layers --network host \
-    --build-arg "PYTHON_IMAGE=$BASE" \
-    -v "$CA:/etc/ssl/certs/ca-certificates.crt:ro" -v "$pipconf:/etc/pip.conf:ro" \
-    --label "temper.dev/context=$hash" -f "$dockerfile" -t "$image:$TAG" . >/dev/null \
-    || { rm -f "$pipconf"; log "building temper-$name failed"; return 1; }
-  rm -f "$pipconf"
+  # The `deps` stage is tagged by pyproject's hash, so pruning keeps it: it is the layer cache
+  # that spares a code change the ~3 GB of wheels. TMPDIR holds buildah's RUN cache mounts.
+  local deps; deps=$(sha256sum pyproject.toml "$dockerfile" | sha256sum | cut -c1-16)
+  local args=(--quiet --layers --network host --build-arg "PYTHON_IMAGE=$BASE"
+    -v "$CA:/etc/ssl/certs/ca-certificates.crt:ro" -v "$pipconf:/etc/pip.conf:ro" -f "$dockerfile")
+  if ! { TMPDIR="$CACHE/buildah-tmp" nice -n 10 buildah bud "${args[@]}" --target deps \
+        -t "$image-deps:$deps" . >/dev/null \
+      && TMPDIR="$CACHE/buildah-tmp" nice -n 10 buildah bud "${args[@]}" -t "$image:$TAG" . >/dev/null; }; then
+    log "building temper-$name failed"; return 1
+  fi
+  mkdir -p "$STAMPS"
+  echo "$hash $(podman image inspect --format '{{.Id}}' "$image:$TAG")" > "$stamp"
+  podman images --format '{{.Repository}}:{{.Tag}}' "$image-deps" | grep -v ":$deps$" \
+    | xargs -r podman rmi --force >/dev/null 2>&1 || true
   local size; size=$(podman image inspect --format '{{.Size}}' "$image:$TAG")
   log "built temper-$name:$TAG in $((SECONDS - started))s, $((size / 1000000)) MB"
 }
@@ -84,6 +96,5 @@ for target in ${targets[*]}; do
     *) log "unknown image $target (operator, trainer)"; exit 2 ;;
   esac
 done
-# Superseded final images would otherwise fill the cache across CI runs; untagged stage images
-# (the dependency layers) are kept: they are the build cache.
-podman image prune --force --filter label=temper.dev/context >/dev/null 2>&1 || true
+# Superseded images and stage layers would otherwise fill the cache across CI runs.
+podman image prune --force >/dev/null 2>&1 || true
