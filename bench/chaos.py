@@ -135,7 +135,7 @@ class Campaign:
             helm=self.cluster.bin("helm"),
             storage_endpoint=self.s3.endpoint_url,
             extra_env=FAST_ENV,
-            lease_seconds=3,
+            lease_seconds=5,
         )
         return operator.install(timeout=180)
 

@@ -90,9 +90,8 @@ base_image
 targets=("${@:-operator trainer}")
 for target in ${targets[*]}; do
   case $target in
-    operator) build operator operator/Dockerfile pyproject.toml README.md operator/temper ;;
-    trainer) build trainer trainer_image/Dockerfile pyproject.toml README.md operator/temper \
-      trainer_image/temper_trainer ;;
+    operator) build operator operator/Dockerfile pyproject.toml operator/temper ;;
+    trainer) build trainer trainer_image/Dockerfile pyproject.toml operator/temper trainer_image/temper_trainer ;;
     *) log "unknown image $target (operator, trainer)"; exit 2 ;;
   esac
 done

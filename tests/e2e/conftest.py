@@ -48,7 +48,7 @@ def helm_operator(
         helm=cluster.bin("helm"),
         storage_endpoint=s3_server.endpoint_url,
         extra_env=FAST_ENV,
-        lease_seconds=3,
+        lease_seconds=5,
     )
     operator.install(timeout=180)
     try:
