@@ -95,9 +95,9 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     assert all(p.spec.node_name == "exec-node" for p in api.pods(name)), "trainer pods ran elsewhere"
     # The trainer ran in its image and the operator in its pod, both as containers.
     for pod in api.pods(name):
-        (status,) = pod.status.container_statuses
-        assert status.image.startswith(TRAINER_IMAGE), status.image
-        assert status.image_id.startswith("sha256:"), "not run from an image"
+        (trainer,) = pod.status.container_statuses
+        assert trainer.image.startswith(TRAINER_IMAGE), trainer.image
+        assert trainer.image_id.startswith("sha256:"), "not run from an image"
     (op_pod,) = operator.pods()
     assert op_pod.spec.containers[0].image.startswith(OPERATOR_IMAGE)
     assert op_pod.spec.service_account_name.startswith("temper")
