@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,9 @@ class Campaign:
 
     def inject(self, kind: str, operator: HelmOperator) -> None:
         if kind == "operator_kill":
-            operator.kill_process()
+            _background(operator.kill_process)
         elif kind == "operator_pod_kill":
-            _say(f"deleted operator pod {operator.kill_pod() or '(none running)'}")
+            _background(lambda: _say(f"deleted operator pod {operator.kill_pod() or '(none running)'}"))
         elif kind == "apiserver_restart":
             # In the background: the other faults keep their moments while it restarts.
             threading.Thread(target=self.cluster.restart, args=("kube-apiserver",), daemon=True).start()
@@ -416,6 +417,24 @@ class Campaign:
                 elif "failpoint publish-before-manifest" in before:
                     out["crash"].append(TRAIN_STEPS - resumed)
         return out
+
+
+def _background(action: Callable[[], object], timeout: float = 60.0) -> None:
+    """Run a fault in a thread, retried while the apiserver is down (it may be restarting)."""
+
+    def attempt() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                action()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    _say(f"fault gave up: {type(exc).__name__}: {str(exc)[:160]}")
+                    return
+                time.sleep(0.5)
+
+    threading.Thread(target=attempt, daemon=True).start()
 
 
 def _say(text: str) -> None:
