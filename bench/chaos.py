@@ -469,7 +469,8 @@ def run_campaign(
         campaign = Campaign(
             cluster, s3, f"chaos-{seed}-{int(time.time()) % 100000}", work, model_dir, runs, seed, small
         )
-        campaign.timeout = 240.0 if small else 1200.0
+        # Containers add a start per pod, and a shared 2-core machine can be slow: room, not a goal.
+        campaign.timeout = 480.0 if small else 1200.0
         try:
             return campaign.execute()
         finally:
