@@ -23,7 +23,8 @@ from temper_dev.s3server import S3Server
 
 from tests.cluster.test_operator_pipeline import Api, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Room for a loaded 2-core machine (13.5 min measured at load ~24; ~1-2 min idle): not a goal.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def quickstart_for(namespace: str, bucket: str, secret: str, s3: S3Server) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     manifest = tmp_path / "quickstart.yaml"
     manifest.write_text(yaml.safe_dump(body, sort_keys=False))
     cluster.kubectl("apply", "-f", str(manifest))
-    wait_for("quickstart finished", lambda: api.succeeded(name) or api.failed(name), 900, operator)
+    wait_for("quickstart finished", lambda: api.succeeded(name) or api.failed(name), 1500, operator)
     run = api.run(name)
     status = run["status"]
     assert api.succeeded(name), (status, operator.log()[-3000:])
