@@ -5,7 +5,7 @@ export TEMPER_VENV := $(VENV)
 # Caches outside the clone keep warm CI runs fast; nothing depends on them existing.
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/temper/mypy
 
-.PHONY: all setup tools venv olah crds lint typecheck unit test demo clean-cluster
+.PHONY: all setup host tools venv olah images crds lint typecheck unit test demo clean-cluster
 
 all: test
 
@@ -19,7 +19,16 @@ venv:
 olah:
 	bash hack/setup-olah.sh
 
-setup: tools venv olah
+# Host packages for daemonless builds and the exec node's runtime (buildah, podman, runc, ...).
+host:
+	bash hack/setup-host.sh
+
+# temper-operator and temper-trainer into the podman storage under ~/.cache/temper; an
+# unchanged tree never rebuilds (hack/build-images.sh hashes Dockerfile, context and base).
+images: host
+	bash hack/build-images.sh
+
+setup: tools venv olah images
 
 crds: venv
 	$(PY) -m temper.api.crdgen
@@ -40,7 +49,8 @@ test: setup
 	$(MAKE) --no-print-directory lint typecheck
 	$(PY) -m pytest -q
 
-# The main job: hermetic cluster + loopback S3 + operator + the quickstart pipeline.
+# The main job: hermetic cluster + loopback S3 + `helm install` of the operator image + the
+# quickstart pipeline, its trainer pods in the trainer image.
 # DEMO_ARGS=--keep leaves everything running; DEMO_ARGS=--down stops it.
 demo: setup
 	$(PY) -m temper_dev.demo $(DEMO_ARGS)

@@ -2,13 +2,18 @@
 
     python bench/chaos.py [--runs 20] [--seed 7] [--small] [--json-out report.json]
 
+The operator runs as users run it: ``helm install charts/temper`` from the locally built operator
+image, a Deployment pod on the exec node (container mode). Trainer pods run from the trainer image.
+
 Runs: most are SFT -> DPO -> eval on kwok GPU nodes (their adapters are pre-published to S3
 where the trainer would put them; the operator still verifies every byte); every
 ``EXEC_EVERY``-th run (at least one) is SFT -> eval on the exec node with the REAL trainer (tiny
 model, checkpoints every ``CHECKPOINT_EVERY`` steps).
 
 Faults, at seeded random moments while the runs advance:
-- ``operator_kill``: the operator SIGKILLed and restarted (several times);
+- ``operator_kill``: the operator's process SIGKILLed in its pod; the exec node restarts the
+  container (restartPolicy Always), as a kubelet does (several times);
+- ``operator_pod_kill``: the operator's pod deleted with no grace; its Deployment brings a new one;
 - ``apiserver_restart``: kube-apiserver stopped and started again (once);
 - ``s3_outage``: S3 blackholed for a few seconds (a TCP proxy in front of moto; no data lost);
 - ``preemption``: an exec trainer pod deleted once its first checkpoint is complete;
@@ -35,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,16 +52,29 @@ from temper.api.contract import StorageConfig  # noqa: E402
 from temper.builders.job import FAILPOINTS_ANNOTATION  # noqa: E402
 from temper.storage import Storage, StorageError  # noqa: E402
 from temper_dev.cluster import Cluster  # noqa: E402
+from temper_dev.incluster import HelmOperator, build_images  # noqa: E402
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server  # noqa: E402
 
 from tests.cluster.test_operator_pipeline import Api, pipeline, publish  # noqa: E402
-from tests.fixtures.operator import OperatorProcess, install_crds  # noqa: E402
+from tests.fixtures.operator import install_crds  # noqa: E402
 
 EXEC = {"nodeSelector": {"kubernetes.io/hostname": "exec-node"}}
 EXEC_EVERY = 5
 TRAIN_STEPS = 24
 CHECKPOINT_EVERY = 4
-FAULT_KINDS = ("operator_kill", "apiserver_restart", "s3_outage", "preemption", "publish_crash")
+FAULT_KINDS = (
+    "operator_kill",
+    "operator_pod_kill",
+    "apiserver_restart",
+    "s3_outage",
+    "preemption",
+    "publish_crash",
+)
+FAST_ENV = {
+    "TEMPER_LEASE_RENEW_SECONDS": "1",
+    "TEMPER_PROGRESS_INTERVAL_SECONDS": "0.5",
+    "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS": "1",
+}
 _SIGTERM_AT = re.compile(r"SIGTERM at step (\d+)/")
 _RESUMED_AT = re.compile(r"resuming from checkpoint step (\d+)")
 
@@ -77,7 +96,7 @@ class Campaign:
     kwok_runs: list[str] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
     harness_errors: int = 0
-    operator_self_exits: int = 0
+    operator_restarts: int = 0
     s3_outage_seconds: float = 0.0
     _outage_began: float = 0.0
 
@@ -91,7 +110,7 @@ class Campaign:
         )
 
     # setup
-    def prepare(self) -> OperatorProcess:
+    def prepare(self) -> HelmOperator:
         from kubernetes import client
 
         with self.cluster.api_client() as api:
@@ -112,11 +131,19 @@ class Campaign:
                 },
             )
         install_crds(self.cluster)
-        # Test mode: the operator passes the runs' temper.dev/test-failpoints on to their pods.
-        env = {"TEMPER_DEFAULT_STORAGE_ENDPOINT": self.s3.endpoint_url, "TEMPER_TEST_FAILPOINTS": "true"}
-        operator = OperatorProcess(self.cluster, self.namespace, "chaos-op", self.work, env)
-        operator.start().wait_role("leader", timeout=60)
-        return operator
+        operator = HelmOperator(
+            Path(self.cluster.kubeconfig),
+            self.namespace,
+            self.cluster.state_dir,
+            helm=self.cluster.bin("helm"),
+            storage_endpoint=self.s3.endpoint_url,
+            # Test mode: the operator passes the runs' temper.dev/test-failpoints on to their pods.
+            extra_env={**FAST_ENV, "TEMPER_TEST_FAILPOINTS": "true"},
+            # kwok's fake pod durations travel as pod annotations, which the platform must allow.
+            extra_values={"policy": {"allowPodAnnotations": True}},
+            lease_seconds=5,
+        )
+        return operator.install(timeout=180)
 
     def run_names(self) -> list[str]:
         n_exec = 1 if self.small else max(1, self.runs // EXEC_EVERY)
@@ -158,7 +185,7 @@ class Campaign:
         ]
         body = pipeline(name, self.bucket, stages=stages)
         body["spec"]["storage"]["endpointUrl"] = self.s3.endpoint_url
-        body["spec"]["trainer"] = {"env": [{"name": "TEMPER_MODEL_CACHE", "value": str(self.model_dir)}]}
+        # The image's baked tiny model: no model cache to share.
         if index % 2 == 0:  # every other exec run also crashes mid-publish (attempts 1-2 may)
             points = {
                 "TEMPER_FAILPOINT": "publish-before-manifest",
@@ -173,15 +200,18 @@ class Campaign:
         kills = 2 if self.small else 6
         outages = 1 if self.small else 3
         plan = [(self.rng.uniform(0.1, 0.8) * horizon, "operator_kill") for _ in range(kills)]
+        plan += [(self.rng.uniform(0.3, 0.7) * horizon, "operator_pod_kill")]
         plan += [(self.rng.uniform(0.2, 0.6) * horizon, "apiserver_restart")]
         for _ in range(outages):
             begin = self.rng.uniform(0.1, 0.7) * horizon
             plan += [(begin, "s3_outage"), (begin + self.rng.uniform(3.0, 6.0), "s3_restore")]
         return sorted(plan)
 
-    def inject(self, kind: str, operator: OperatorProcess) -> None:
+    def inject(self, kind: str, operator: HelmOperator) -> None:
         if kind == "operator_kill":
-            operator.restart()
+            _background(operator.kill_process)
+        elif kind == "operator_pod_kill":
+            _background(lambda: _say(f"deleted operator pod {operator.kill_pod() or '(none running)'}"))
         elif kind == "apiserver_restart":
             # In the background: the other faults keep their moments while it restarts.
             threading.Thread(target=self.cluster.restart, args=("kube-apiserver",), daemon=True).start()
@@ -244,12 +274,6 @@ class Campaign:
                 kind = plan.pop(0)[1]
                 _say(f"t={now:5.1f}s inject {kind}")
                 self.inject(kind, operator)
-            if operator.proc is not None and operator.proc.poll() is not None:
-                # It exits by design when it cannot renew its Lease (apiserver down): restart
-                # it as its Deployment would.
-                _say(f"t={now:5.1f}s operator exited ({operator.proc.returncode}); restarting")
-                self.operator_self_exits += 1
-                operator.start()
             for probe in ("preempt", "terminal"):
                 try:
                     if probe == "preempt":
@@ -267,9 +291,11 @@ class Campaign:
             time.sleep(0.3)
         self.faults["publish_crash"] = self.count_publish_crashes()
         try:
+            # Kills and self-exits (it exits by design when it cannot renew its Lease) alike.
+            self.operator_restarts = operator.restarts()
             report = self.report(api, names, terminal)
         finally:
-            operator.stop()
+            operator.uninstall()
         report["wall_seconds"] = round(time.monotonic() - started, 1)
         return report
 
@@ -346,7 +372,7 @@ class Campaign:
             "crash_steps_redone": redone["crash"],
             "faults": {k: self.faults.get(k, 0) for k in FAULT_KINDS},
             "s3_outage_seconds": round(self.s3_outage_seconds, 1),
-            "operator_self_exits": self.operator_self_exits,
+            "operator_container_restarts": self.operator_restarts,
             "harness_api_errors": self.harness_errors,
         }
 
@@ -398,6 +424,24 @@ class Campaign:
         return out
 
 
+def _background(action: Callable[[], object], timeout: float = 60.0) -> None:
+    """Run a fault in a thread, retried while the apiserver is down (it may be restarting)."""
+
+    def attempt() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                action()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    _say(f"fault gave up: {type(exc).__name__}: {str(exc)[:160]}")
+                    return
+                time.sleep(0.5)
+
+    threading.Thread(target=attempt, daemon=True).start()
+
+
 def _say(text: str) -> None:
     print(f"chaos: {text}", file=sys.stderr, flush=True)
 
@@ -430,7 +474,8 @@ def run_campaign(
         campaign = Campaign(
             cluster, s3, f"chaos-{seed}-{int(time.time()) % 100000}", work, model_dir, runs, seed, small
         )
-        campaign.timeout = 240.0 if small else 1200.0
+        # Containers add a start per pod, and a shared 2-core machine can be slow: room, not a goal.
+        campaign.timeout = 480.0 if small else 1200.0
         try:
             return campaign.execute()
         finally:
@@ -453,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = ensure_tiny_model().parent
     with tempfile.TemporaryDirectory(prefix="temper-chaos-") as tmp:
-        cluster = Cluster(state_dir=Path(tmp) / "cluster")
+        build_images(Path(tmp) / "build-images.log")
+        cluster = Cluster(state_dir=Path(tmp) / "cluster", runtime="container")
         cluster.up(timeout=120)
         try:
             report = run_campaign(cluster, Path(tmp), model_dir, runs=runs, seed=args.seed, small=args.small)

@@ -237,6 +237,9 @@ class Cluster:
     bin_dir: Path = field(default_factory=default_bin_dir)
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    # How the exec node runs pods: "process" (host processes, fast) or "container" (podman/runc).
+    runtime: str = "process"
+    _saved_runtime: str = field(default="", repr=False)
     # Children started by this process, kept so their exit status can be reported.
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
@@ -275,7 +278,12 @@ class Cluster:
     def up(self, timeout: float = 60.0) -> Cluster:
         self.check_binaries()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._load_state() and self._all_alive() and self._readyz():
+        if (
+            self._load_state()
+            and self._all_alive()
+            and self._readyz()
+            and self._saved_runtime == self.runtime
+        ):
             return self
         self.down()
         started = time.monotonic()
@@ -457,6 +465,8 @@ class Cluster:
                 self.kubeconfig,
                 "--state-dir",
                 str(self.state_dir),
+                "--runtime",
+                self.runtime,
             ]
         builders = {
             "etcd": self._etcd_args,
@@ -596,7 +606,14 @@ class Cluster:
 
     def _save_state(self) -> None:
         self.state_file.write_text(
-            json.dumps({"ports": self.ports, "pids": self.pids, "bin_dir": str(self.bin_dir)})
+            json.dumps(
+                {
+                    "ports": self.ports,
+                    "pids": self.pids,
+                    "bin_dir": str(self.bin_dir),
+                    "runtime": self.runtime,
+                }
+            )
         )
 
     def _load_state(self) -> bool:
@@ -606,6 +623,7 @@ class Cluster:
             return False
         self.ports = {k: int(v) for k, v in data.get("ports", {}).items()}
         self.pids = {k: int(v) for k, v in data.get("pids", {}).items()}
+        self._saved_runtime = str(data.get("runtime", "process"))
         return True
 
     def _is_ours(self, name: str, pid: int) -> bool:

@@ -5,15 +5,16 @@
     python -m temper_dev.demo --down     # stop everything a --keep run left behind
 
 Steps: the Go-built control plane (built once into ~/.cache/temper, with a progress display),
-the hermetic cluster (reused when already up), a moto S3 server on 127.0.0.1, the bucket and the
-credentials Secret, the CRDs, the operator (a subprocess logging to a file), then
-``examples/quickstart.yaml`` (SFT -> DPO -> eval on ``builtin://tiny``) whose trainer pods really
-run on the exec node. It waits with live progress and ends with ``kubectl get ptr,adp``, the
-adapter locations, the eval numbers and the operator's /metrics URL. Any failure exits non-zero
-with a message that says which step failed and where its log is.
+the two images (``hack/build-images.sh``, a no-op when current), the hermetic cluster (reused when
+already up) whose exec node runs pods as containers, a moto S3 server on 127.0.0.1, the bucket and
+the credentials Secret, the CRDs, ``helm install charts/temper`` (the operator in its pod, from the
+operator image), then ``kubectl apply -f examples/quickstart.yaml`` (SFT -> DPO -> eval on
+``builtin://tiny``) whose trainer pods run from the trainer image. It waits with live progress and
+ends with ``kubectl get ptr,adp``, the adapter locations, the eval numbers and the operator's
+/metrics URL. Any failure exits non-zero with a message that says which step failed and where its
+log is.
 
-The pieces (``OperatorProcess``, ``start_s3``, ``prepare_namespace``, ...) are reused by the e2e
-tests and ``bench/chaos.py``.
+The pieces (``prepare_namespace``, ``wait_for_run``, ...) are reused by the e2e tests.
 """
 
 from __future__ import annotations
@@ -32,17 +33,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+
+from temper_dev.incluster import OPERATOR_IMAGE, TRAINER_IMAGE, HelmOperator, InClusterError, build_images
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 CRDS = REPO / "crds"
 STATE_DIR = Path(os.environ.get("TEMPER_DEMO_DIR") or Path.home() / ".cache" / "temper" / "demo")
 NAMESPACE = "temper-demo"
+OPERATOR_NAMESPACE = "temper-system"
 BUCKET = "temper-demo"
 EXEC_POOL = {"temper.dev/node-pool": "exec"}
 UNSCHEDULABLE_GRACE_SECONDS = 30.0
@@ -156,113 +160,6 @@ class Display:
         stop.set()
         spinner.join()
         self.line(f"ok  {title} ({time.monotonic() - start:.1f}s)")
-
-
-# -- the operator as a subprocess ---------------------------------------------------------------
-@dataclass
-class OperatorProcess:
-    """``python -m temper`` against a kubeconfig, logging to a file, with kill/restart for chaos."""
-
-    kubeconfig: Path
-    log_path: Path
-    env: Mapping[str, str] = field(default_factory=dict)
-    namespaces: list[str] = field(default_factory=list)
-    health_port: int = field(default_factory=free_port)
-    metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    @property
-    def healthz_url(self) -> str:
-        return f"http://127.0.0.1:{self.health_port}/healthz"
-
-    def process_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "KUBECONFIG": str(self.kubeconfig),
-                "TEMPER_HEALTH_PORT": str(self.health_port),
-                "TEMPER_METRICS_PORT": str(self.metrics_port),
-                "TEMPER_BIND_ADDRESS": "127.0.0.1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        if self.namespaces:
-            env["TEMPER_WATCH_NAMESPACES"] = ",".join(self.namespaces)
-        env.update(self.env)
-        return env
-
-    def start(self, *, wait: bool = True, timeout: float = 60.0) -> OperatorProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "temper"],
-                env=self.process_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                start_new_session=True,  # survives the demo with --keep; never gets our Ctrl-C twice
-            )
-        if wait:
-            self.wait_healthy(timeout)
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def healthy(self) -> bool:
-        return self.alive() and http_get(self.healthz_url, 1.0)[0] == 200
-
-    def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise DemoError(
-                    f"the operator exited (rc={self.returncode()}); log {self.log_path}:\n"
-                    + tail(self.log_path)
-                )
-            if http_get(self.healthz_url, 1.0)[0] == 200:
-                return
-            time.sleep(0.2)
-        raise DemoError(
-            f"the operator is not healthy after {timeout:.0f}s; log {self.log_path}:\n" + tail(self.log_path)
-        )
-
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no lease release; what a node crash looks like."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def restart(self, *, wait: bool = True, timeout: float = 60.0) -> None:
-        self.kill()
-        self.restarts += 1
-        self.start(wait=wait, timeout=timeout)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def metrics(self) -> str:
-        status, body = http_get(self.metrics_url, 3.0)
-        if status != 200:
-            raise DemoError(f"{self.metrics_url} answered {status or body}")
-        return body
 
 
 # -- kubernetes helpers ---------------------------------------------------------------------------
@@ -404,18 +301,6 @@ def pin_to_exec_node(run: dict[str, Any]) -> dict[str, Any]:
         resources = stage.setdefault("resources", {})
         resources.setdefault("nodeSelector", {}).update(EXEC_POOL)
         resources["gpus"] = 0  # it trains on CPU; the node's fake GPUs stay free for GPU-shaped tests
-    return run
-
-
-def share_model_cache(run: dict[str, Any]) -> dict[str, Any]:
-    """Trainer pods on the exec node reuse this machine's tiny-model cache.
-
-    Each pod otherwise gets its own HOME and rebuilds the model (about half a minute per stage)."""
-    from temper_trainer.tinymodel import model_cache_dir
-
-    env = run["spec"].setdefault("trainer", {}).setdefault("env", [])
-    if not any(e.get("name") == "TEMPER_MODEL_CACHE" for e in env):
-        env.append({"name": "TEMPER_MODEL_CACHE", "value": str(model_cache_dir())})
     return run
 
 
@@ -654,7 +539,7 @@ class DemoCluster:
         from temper_dev.cluster import Cluster
 
         self.display = display
-        self.cluster = Cluster()
+        self.cluster = Cluster(runtime="container")
         self.reused = False
 
     def detail(self) -> str:
@@ -778,8 +663,12 @@ def run_demo(opts: DemoOptions, display: Display) -> int:
 
     cluster = DemoCluster(display)
     cleanup: list[Callable[[], None]] = []
-    operator: OperatorProcess | None = None
     try:
+        with display.step(f"images {OPERATOR_IMAGE}, {TRAINER_IMAGE} (hack/build-images.sh)"):
+            try:
+                build_images(STATE_DIR / "build-images.log")
+            except InClusterError as exc:
+                raise DemoError(f"{exc}:\n{tail(STATE_DIR / 'build-images.log')}") from None
         with display.step(
             "hermetic cluster (etcd, apiserver, controller-manager, scheduler, kwok, exec node)",
             cluster.detail,
@@ -812,33 +701,37 @@ def run_demo(opts: DemoOptions, display: Display) -> int:
             prepare_namespace(kube, opts.namespace, secret_name, FAKE_CREDENTIALS)
             delete_run_and_adapters(kube, opts.namespace, run_name)
 
-        prior_op = state.get("operator") or {}
-        if prior_op and pid_alive(int(prior_op["pid"])):
-            stop_pid(int(prior_op["pid"]))  # an earlier --keep: a fresh one gets this S3 endpoint
-        operator = OperatorProcess(
+        operator = HelmOperator(
             kubeconfig,
-            STATE_DIR / "operator.log",
-            env={
-                "TEMPER_DEFAULT_STORAGE_ENDPOINT": s3.endpoint_url,
+            opts.namespace,
+            cluster.cluster.state_dir,
+            helm=str(bin_dir / "helm"),
+            release_namespace=OPERATOR_NAMESPACE,
+            storage_endpoint=s3.endpoint_url,
+            extra_env={
                 "TEMPER_PROGRESS_INTERVAL_SECONDS": "2",
                 "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS": "2",
-                "TEMPER_LEASE_DURATION_SECONDS": "5",
-                "TEMPER_IDENTITY": "temper-demo",
             },
         )
-        with display.step(f"operator running (log {operator.log_path})"):
-            operator.start(timeout=90)
-        assert operator.proc is not None
-        cleanup.append(operator.stop)
+        # An earlier --keep's release had another S3 endpoint and its ports: start afresh.
+        operator.uninstall()
+        with display.step(
+            f"helm install temper charts/temper -n {OPERATOR_NAMESPACE} (operator pod from {OPERATOR_IMAGE})"
+        ):
+            try:
+                operator.install(timeout=180)
+            except InClusterError as exc:
+                raise DemoError(str(exc)) from None
+        cleanup.append(operator.uninstall)
         state["operator"] = {
-            "pid": operator.proc.pid,
+            "namespace": OPERATOR_NAMESPACE,
             "health_port": operator.health_port,
             "metrics_port": operator.metrics_port,
         }
         write_state(state)
 
         run_obj["metadata"]["namespace"] = opts.namespace
-        share_model_cache(pin_to_exec_node(run_obj))
+        pin_to_exec_node(run_obj)
         applied = STATE_DIR / "quickstart.applied.yaml"
         applied.write_text(yaml.safe_dump(run_obj, sort_keys=False))
         shown = opts.manifest.relative_to(REPO) if opts.manifest.is_relative_to(REPO) else opts.manifest
@@ -863,7 +756,7 @@ def run_demo(opts: DemoOptions, display: Display) -> int:
         if run_terminal(final) != "Succeeded":
             raise DemoError(
                 f"PostTrainingRun {run_name} failed:\n{failure_reason(final)}\n"
-                f"operator log: {operator.log_path}"
+                f"operator log:\n{operator.log()[-2000:]}"
             )
         wait_until(
             lambda: (rows := adapter_rows(kube, opts.namespace, run_name)) and all(r["ready"] for r in rows),
@@ -891,13 +784,12 @@ def run_demo(opts: DemoOptions, display: Display) -> int:
 
 
 def down(display: Display) -> int:
-    """Stops what ``--keep`` left running: the operator, the S3 server and the cluster."""
+    """Stops what ``--keep`` left running: the S3 server and the cluster (with the operator pod)."""
     state = read_state()
-    for key in ("operator", "s3"):
-        pid = (state.get(key) or {}).get("pid")
-        if pid:
-            with display.step(f"stopped {key} (pid {pid})"):
-                stop_pid(int(pid))
+    pid = (state.get("s3") or {}).get("pid")
+    if pid:
+        with display.step(f"stopped s3 (pid {pid})"):
+            stop_pid(int(pid))
     with display.step("hermetic cluster stopped"):
         DemoCluster(display).down()
     with contextlib.suppress(OSError):

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from temper_dev import oci
+
 NODE_NAME = "exec-node"
 GPU_RESOURCE = "nvidia.com/gpu"
 EXEC_GPUS = 4
@@ -47,6 +49,9 @@ MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 POD_IP = "127.0.0.1"
 SUPPORTED_VOLUMES = ("emptyDir", "configMap", "secret", "persistentVolumeClaim")
+# Container mode also mounts what only a real filesystem boundary makes meaningful.
+CONTAINER_VOLUMES = (*SUPPORTED_VOLUMES, "projected", "hostPath")
+RUNTIMES = ("process", "container")
 UNSUPPORTED_REASON = "UnsupportedPodSpec"
 CONFIG_ERROR_REASON = "CreateContainerConfigError"
 
@@ -74,24 +79,25 @@ def pod_dirs(state_dir: Path | str, namespace: str, name: str) -> list[Path]:
 # --- pure parts -----------------------------------------------------------------------------
 
 
-def validate_pod(pod: Pod) -> None:
+def validate_pod(pod: Pod, runtime: str = "process") -> None:
     """Raise PodSpecError naming the first field the agent cannot honour."""
     spec = pod.get("spec", {})
+    supported = CONTAINER_VOLUMES if runtime == "container" else SUPPORTED_VOLUMES
     for index, volume in enumerate(spec.get("volumes") or []):
         kinds = [k for k in volume if k != "name"]
-        if not any(k in SUPPORTED_VOLUMES for k in kinds):
+        if not any(k in supported for k in kinds):
             kind = kinds[0] if kinds else "?"
             hint = ""
             if kind == "projected" and "kube-api-access" in volume.get("name", ""):
                 hint = " (service-account token; set automountServiceAccountToken: false)"
             raise PodSpecError(
                 f"spec.volumes[{index}] ({volume.get('name')}): volume type {kind!r} is not "
-                f"supported by the exec node{hint}; supported: {', '.join(SUPPORTED_VOLUMES)}"
+                f"supported by the exec node{hint}; supported: {', '.join(supported)}"
             )
     for group in ("initContainers", "containers"):
         for index, container in enumerate(spec.get(group) or []):
             where = f"spec.{group}[{index}] ({container.get('name')})"
-            if not container.get("command"):
+            if not container.get("command") and runtime == "process":
                 raise PodSpecError(f"{where}.command: required on the exec node (it runs no images)")
             if group == "initContainers" and container.get("restartPolicy") == "Always":
                 raise PodSpecError(f"{where}.restartPolicy: sidecar containers are not supported")
@@ -234,12 +240,13 @@ class ContainerState:
     started_at: str = ""
     finished_at: str = ""
     restart_count: int = 0
+    image_id: str = ""
 
     def as_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "name": self.name,
             "image": self.image,
-            "imageID": "",
+            "imageID": self.image_id,
             "restartCount": self.restart_count,
             "ready": self.state == "running",
             "started": self.state == "running",
@@ -354,6 +361,12 @@ class PodRunner:
     stopping: threading.Event = field(default_factory=threading.Event)
     grace_seconds: float = 30.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Container mode: podman container names by container, Memory emptyDirs (volume -> bytes,
+    # 0 unbounded) and read-only volumes; ``report`` patches the pod's current status.
+    containers: dict[str, str] = field(default_factory=dict)
+    tmpfs: dict[str, int] = field(default_factory=dict)
+    read_only: set[str] = field(default_factory=set)
+    report: Callable[[], None] = lambda: None
 
     @property
     def namespace(self) -> str:
@@ -382,8 +395,11 @@ class PodRunner:
             self.grace_seconds = grace
             self.stopping.set()
             targets = list(self.processes.values())
+            names = list(self.containers.values())
         for proc in targets:
             _kill_group(proc, signal.SIGTERM)
+        for name in names:  # SIGTERM, SIGKILL after the grace period, like a CRI runtime
+            threading.Thread(target=self.agent.podman.stop, args=(name, grace), daemon=True).start()
 
     def _run(self) -> None:
         try:
@@ -413,7 +429,7 @@ class PodRunner:
         spec = self.pod["spec"]
         start_time = now_rfc3339()
         try:
-            validate_pod(self.pod)
+            validate_pod(self.pod, self.agent.runtime)
         except PodSpecError as err:
             self._fail(UNSUPPORTED_REASON, str(err), start_time)
             return
@@ -427,6 +443,9 @@ class PodRunner:
         ]
         states = [ContainerState(c["name"], c.get("image", "")) for c in spec.get("containers") or []]
         restart_policy = spec.get("restartPolicy", "Always")
+        self.report = lambda: self.agent.patch_status(
+            self.pod, build_status(pod_phase(states, restart_policy), states, init_states, start_time)
+        )
         self.agent.patch_status(self.pod, build_status("Pending", states, init_states, start_time))
         try:
             envs = {
@@ -533,6 +552,9 @@ class PodRunner:
                 continue
             path = base / "volumes" / volume["name"]
             path.mkdir(parents=True, exist_ok=True)
+            if self.agent.runtime == "container":
+                dirs[volume["name"]] = self._container_volume(volume, path, lookup)
+                continue
             for kind, key, ref_key in (
                 ("ConfigMap", "configMap", "name"),
                 ("Secret", "secret", "secretName"),
@@ -562,6 +584,9 @@ class PodRunner:
         mounts_by_volume: Mapping[str, Path],
         on_start: Callable[[], None] | None = None,
     ) -> None:
+        if self.agent.runtime == "container":
+            self._run_oci(container, state, env, mounts_by_volume, on_start)
+            return
         name = container["name"]
         mounts: dict[str, str] = {}
         for mount in container.get("volumeMounts") or []:
@@ -619,6 +644,210 @@ class PodRunner:
             written, log_text, exit_code, container.get("terminationMessagePolicy")
         )
 
+    # --- container mode ---------------------------------------------------------------------
+
+    def _container_volume(self, volume: Mapping[str, Any], path: Path, lookup: Lookup) -> Path:
+        """Host dir (or tmpfs marker) for one volume, readable by whatever UID the pod runs as."""
+        name = volume["name"]
+        if "emptyDir" in volume:
+            source = volume["emptyDir"] or {}
+            if source.get("medium") == "Memory":
+                limit = source.get("sizeLimit")
+                self.tmpfs[name] = oci.parse_quantity(limit) if limit else 0
+            path.chmod(0o777)  # the kubelet's emptyDir mode: any UID may write
+            return path
+        if "hostPath" in volume:
+            host = Path(volume["hostPath"]["path"])
+            if volume["hostPath"].get("type") in ("DirectoryOrCreate", None, ""):
+                host.mkdir(parents=True, exist_ok=True)
+            return host
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]
+            if claim.get("readOnly"):
+                self.read_only.add(name)
+            return self.agent.claim_path(self.namespace, claim["claimName"])
+        self.read_only.add(name)  # configMap, secret and projected volumes are read-only
+        files: dict[str, str] = {}
+        if "projected" in volume:
+            for source in volume["projected"].get("sources") or []:
+                files.update(self._projected_source(source, lookup))
+        else:
+            kind, key, ref_key = (
+                ("ConfigMap", "configMap", "name")
+                if "configMap" in volume
+                else ("Secret", "secret", "secretName")
+            )
+            source = volume[key]
+            data = lookup(kind, source.get(ref_key, ""))
+            if data is None and not source.get("optional"):
+                raise PodSpecError(f"volume {name}: {kind} {source.get(ref_key)!r} not found")
+            items = source.get("items")
+            data = data or {}
+            files = {i["path"]: data.get(i["key"], "") for i in items} if items else dict(data)
+        for rel, text in files.items():
+            target = path / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            target.chmod(0o644)
+        return path
+
+    def _projected_source(self, source: Mapping[str, Any], lookup: Lookup) -> dict[str, str]:
+        if "serviceAccountToken" in source:
+            token = source["serviceAccountToken"]
+            return {token["path"]: self.agent.token_for(self.pod, token)}
+        if "downwardAPI" in source:
+            return {
+                i["path"]: _field_ref(self.pod, i["fieldRef"]["fieldPath"])
+                for i in source["downwardAPI"].get("items") or []
+            }
+        for kind, key in (("ConfigMap", "configMap"), ("Secret", "secret")):
+            if key in source:
+                ref = source[key]
+                data = lookup(kind, ref["name"])
+                if data is None:
+                    if ref.get("optional"):
+                        return {}
+                    raise PodSpecError(f"projected {kind} {ref['name']!r} not found")
+                items = ref.get("items")
+                return {i["path"]: data.get(i["key"], "") for i in items} if items else dict(data)
+        raise PodSpecError(f"projected volume source {sorted(source)} is not supported")
+
+    def _await_image(self, container: Mapping[str, Any], state: ContainerState) -> oci.ImageInfo | None:
+        """The image from the node's store; waits in ErrImagePull/ImagePullBackOff while absent."""
+        ref = container.get("image", "")
+        while not self.stopping.is_set():
+            image = self.agent.podman.image(ref)
+            if image is not None:
+                return image
+            never = container.get("imagePullPolicy") == "Never"
+            reason = (
+                "ErrImageNeverPull"
+                if never
+                else ("ErrImagePull" if state.reason != "ErrImagePull" else "ImagePullBackOff")
+            )
+            if (state.state, state.reason) != ("waiting", reason):
+                state.state, state.reason = "waiting", reason
+                state.message = (
+                    f'Container image "{ref}" is not present with pull policy of Never'
+                    if never
+                    else f'Failed to pull image "{ref}": not in the exec node\'s image store and no '
+                    "registry is reachable (make images builds temper's images)"
+                )
+                self.report()
+            self.stopping.wait(5.0)
+        return None
+
+    def _oci_mounts(
+        self, container: Mapping[str, Any], mounts_by_volume: Mapping[str, Path], term: Path
+    ) -> list[oci.Mount]:
+        mounts = [oci.Mount(container.get("terminationMessagePath") or oci.TERMINATION_PATH, str(term))]
+        for index, mount in enumerate(container.get("volumeMounts") or []):
+            volume = mount["name"]
+            if volume in self.tmpfs:
+                if mount.get("subPath"):
+                    raise PodSpecError(f"volumeMounts[{index}].subPath: not supported on a Memory emptyDir")
+                mounts.append(oci.Mount(mount["mountPath"], tmpfs_bytes=self.tmpfs[volume]))
+                continue
+            source = mounts_by_volume[volume]
+            if mount.get("subPath"):
+                source = source / mount["subPath"]
+                source.mkdir(parents=True, exist_ok=True)
+            read_only = bool(mount.get("readOnly")) or volume in self.read_only
+            mounts.append(oci.Mount(mount["mountPath"], str(source), read_only))
+        return mounts
+
+    def _run_oci(
+        self,
+        container: Mapping[str, Any],
+        state: ContainerState,
+        env: Mapping[str, str],
+        mounts_by_volume: Mapping[str, Path],
+        on_start: Callable[[], None] | None,
+    ) -> None:
+        name = container["name"]
+        podman = self.agent.podman
+        image = self._await_image(container, state)
+        if image is None:  # deleted while waiting for its image
+            state.state, state.reason, state.exit_code = "terminated", "Error", 137
+            state.finished_at = now_rfc3339()
+            return
+        state.image_id = image.id if image.id.startswith("sha256:") else f"sha256:{image.id}"
+        term = self.scratch / "termination" / name
+        term.write_text("")
+        term.chmod(0o666)  # the container's UID writes it, whatever that is
+        full_env = {**self.agent.service_env, **env}
+        spec = dict(container)
+        for key in ("command", "args"):
+            spec[key] = [expand_vars(a, full_env) for a in container.get(key) or []]
+        cname = f"temper-{self.uid[:13]}-{name}-{state.restart_count}"
+        try:
+            argv = oci.create_argv(
+                name=cname,
+                pod=self.pod,
+                container=spec,
+                image=image,
+                env_names=list(full_env),
+                mounts=self._oci_mounts(container, mounts_by_volume, term),
+                hosts=oci.host_entries(self.pod, self.agent.peers(self.pod)),
+                labels={oci.LABEL_NODE: self.agent.label},
+            )
+        except (oci.ContainerConfigError, PodSpecError) as err:
+            # As a kubelet: the pod stays Pending and the reason says why (runAsNonRoot, ...).
+            state.state, state.reason, state.message = "waiting", CONFIG_ERROR_REASON, str(err)
+            self.report()
+            self.stopping.wait()
+            state.state, state.reason, state.exit_code = "terminated", "Error", 137
+            state.finished_at = now_rfc3339()
+            return
+        podman.remove(cname)
+        created = podman.run(*argv[1:], env=full_env)
+        if created.returncode != 0:
+            state.state, state.reason, state.exit_code = "terminated", "StartError", 128
+            state.message = created.stderr.strip()[-MAX_TERMINATION_MESSAGE:]
+            state.started_at = state.finished_at = now_rfc3339()
+            return
+        log_path = self.scratch / "logs" / f"{name}.log"
+        with self.lock:
+            if self.stopping.is_set():
+                podman.remove(cname)
+                state.state, state.reason, state.exit_code = "terminated", "Error", 137
+                state.finished_at = now_rfc3339()
+                return
+            self.containers[name] = cname
+            with open(log_path, "ab") as log_file:
+                proc = subprocess.Popen(
+                    ["podman", "start", "--attach", cname],
+                    env=podman.env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+        state.state, state.reason, state.message = "running", "", ""
+        state.started_at = now_rfc3339()
+        if on_start is not None:
+            on_start()
+        code = proc.wait()
+        result = podman.state(cname)
+        with self.lock:
+            self.containers.pop(name, None)
+        podman.remove(cname)
+        state.state, state.finished_at = "terminated", now_rfc3339()
+        state.exit_code = int(result.get("ExitCode", code))
+        state.reason = "Completed" if state.exit_code == 0 else "Error"
+        if result.get("OOMKilled"):
+            state.reason = "OOMKilled"
+        if result.get("Error") and state.exit_code in (*oci.PODMAN_ERROR_CODES, 128):
+            state.reason, state.exit_code, state.message = "StartError", 128, str(result["Error"])
+            return
+        log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        state.message = termination_message(
+            term.read_text(errors="replace"),
+            log_text,
+            state.exit_code,
+            container.get("terminationMessagePolicy"),
+        )
+
     def _wait(self, proc: subprocess.Popen[bytes]) -> int:
         while True:
             try:
@@ -646,11 +875,25 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 class ExecNodeAgent:
-    def __init__(self, kubeconfig: str, state_dir: Path) -> None:
+    def __init__(self, kubeconfig: str, state_dir: Path, runtime: str = "process") -> None:
+        import hashlib
+        import urllib.parse
+
         from kubernetes import client, config
 
         configuration = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        self.runtime = runtime
+        self.podman = oci.Podman()
+        # Containers of this agent carry its label, so a restart or `cluster down` finds them.
+        self.label = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+        server = urllib.parse.urlsplit(configuration.host)
+        # What a kubelet injects for the `kubernetes` Service; here the loopback apiserver itself.
+        self.service_env = {
+            "KUBERNETES_SERVICE_HOST": server.hostname or POD_IP,
+            "KUBERNETES_SERVICE_PORT": str(server.port or 443),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(server.port or 443),
+        }
         self.api_client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.api_client)
         self.coordination = client.CoordinationV1Api(self.api_client)
@@ -700,6 +943,44 @@ class ExecNodeAgent:
         if source is None or not source.path:
             raise PodSpecError(f"persistentVolumeClaim {claim!r}: its PV has no hostPath or local path")
         return Path(source.path)
+
+    def token_for(self, pod: Pod, source: Mapping[str, Any]) -> str:
+        """A bound ServiceAccount token for the pod (TokenRequest), as the kubelet projects it."""
+        from kubernetes import client
+
+        meta = pod["metadata"]
+        spec = client.V1TokenRequestSpec(
+            audiences=[source["audience"]] if source.get("audience") else [],
+            expiration_seconds=int(source.get("expirationSeconds") or 3607),
+            bound_object_ref=client.V1BoundObjectReference(
+                api_version="v1", kind="Pod", name=meta["name"], uid=meta["uid"]
+            ),
+        )
+        account = pod["spec"].get("serviceAccountName") or "default"
+        answer = self.core.create_namespaced_service_account_token(
+            account, meta["namespace"], client.AuthenticationV1TokenRequest(spec=spec)
+        )
+        return str(answer.status.token)
+
+    def claim_path(self, namespace: str, claim: str) -> Path:
+        """The host dir of a bound PVC's hostPath PV."""
+        pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
+            raise PodSpecError(f"persistentVolumeClaim {claim!r} is not bound")
+        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+        if pv.spec.host_path is None:
+            raise PodSpecError(f"PersistentVolume {pv.metadata.name}: only hostPath volumes are supported")
+        path = Path(pv.spec.host_path.path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def peers(self, pod: Pod) -> list[str]:
+        """Hostnames of the pods under this pod's subdomain (for their DNS names)."""
+        subdomain = pod["spec"].get("subdomain")
+        if not subdomain:
+            return []
+        listing = self.core.list_namespaced_pod(pod["metadata"]["namespace"])
+        return [p.spec.hostname or p.metadata.name for p in listing.items if p.spec.subdomain == subdomain]
 
     def patch_status(self, pod: Pod, status: dict[str, Any]) -> None:
         meta = pod["metadata"]
@@ -801,7 +1082,9 @@ class ExecNodeAgent:
                 "operatingSystem": "linux",
                 "kubeletVersion": "temper-execnode",
                 "kubeProxyVersion": "",
-                "containerRuntimeVersion": "local-process://1",
+                "containerRuntimeVersion": "oci://runc"
+                if self.runtime == "container"
+                else "local-process://1",
                 "osImage": "local",
                 "kernelVersion": os.uname().release,
                 "machineID": "",
@@ -919,9 +1202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m temper_dev.execnode")
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    agent = ExecNodeAgent(args.kubeconfig, args.state_dir)
+    agent = ExecNodeAgent(args.kubeconfig, args.state_dir, args.runtime)
+    if agent.runtime == "container":
+        agent.podman.remove_labelled(f"{oci.LABEL_NODE}={agent.label}")  # a dead agent's leftovers
     agent.register()
     threading.Thread(target=agent.heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -932,6 +1218,8 @@ def main(argv: list[str] | None = None) -> int:
         for runner in runners:
             for proc in list(runner.processes.values()):
                 _kill_group(proc, signal.SIGKILL)
+        if agent.runtime == "container":
+            agent.podman.remove_labelled(f"{oci.LABEL_NODE}={agent.label}")
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -7,6 +7,7 @@ with an error naming the variable, never later in a reconcile.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -62,6 +63,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
+def _quantity(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGTPE]i?)?", raw):
+        raise ConfigError(f"{name}: expected a byte quantity such as 512Mi or 2Gi, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE
@@ -106,6 +116,10 @@ class OperatorConfig:
     # Default model-cache volume for runs whose spec.trainer.modelCache is absent.
     model_cache: ModelCache = field(default_factory=ModelCache)
     model_cache_path: str = DEFAULT_MODEL_CACHE_PATH
+    # Trainer pods: None leaves the UID to the image (or to the platform, e.g. OpenShift's SCC).
+    trainer_run_as_user: int | None = None
+    trainer_shm_size: str = "1Gi"
+    trainer_tmp_size: str = "4Gi"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -163,6 +177,11 @@ class OperatorConfig:
             trainer_network=_settings(TrainerNetwork, env, NETWORK_ENV),
             test_failpoints=_bool(env, "TEMPER_TEST_FAILPOINTS", False),
             trainer_resources=_trainer_resources(env),
+            trainer_run_as_user=_int(env, "TEMPER_TRAINER_RUN_AS_USER", -1, 1)
+            if env.get("TEMPER_TRAINER_RUN_AS_USER")
+            else None,
+            trainer_shm_size=_quantity(env, "TEMPER_TRAINER_SHM_SIZE", "1Gi"),
+            trainer_tmp_size=_quantity(env, "TEMPER_TRAINER_TMP_SIZE", "4Gi"),
         )
 
 

@@ -4,6 +4,10 @@ Every bad object must be refused by the apiserver with the offending field named
 whose conditions name the problem (Stalled/Failed with a reason), quickly; meanwhile the operator
 stays healthy and a good run in the same namespace completes untouched.
 
+Image faults run for real: the exec node runs trainer pods as containers from their images, so a
+wrong image name, a root image under runAsNonRoot and an image without the trainer each get the
+kubelet's own reasons (ErrImagePull, CreateContainerConfigError, the log tail on failure).
+
 Unknown fields: the CRDs are structural and never preserve unknown fields in spec, so the apiserver
 prunes them (default fieldValidation) or refuses them (fieldValidation=Strict, kubectl's default).
 """
@@ -22,6 +26,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from temper_dev.cluster import Cluster
 from temper_dev.demo import free_port
+from temper_dev.incluster import IMAGE_TAG, OPERATOR_IMAGE, TRAINER_IMAGE
 from temper_dev.s3server import FAKE_CREDENTIALS, S3Server
 
 from tests.cluster.test_operator_pipeline import Api, wait_for
@@ -34,6 +39,7 @@ SEED = 8
 MUTANTS = 16
 ANNOTATION_LIMIT = 256 * 1024
 REQUEST_LIMIT = 3 * 1024 * 1024  # the apiserver's cap on a request body; etcd's 1.5 MB is lower
+BASE_IMAGE = "localhost/temper-base:bookworm-py311"  # hack/build-images.sh's Python base
 
 
 def hyper(spec: dict[str, Any], stage: int) -> tuple[dict[str, Any], str]:
@@ -145,7 +151,7 @@ def test_admission_rejects_malformed_oversized_and_prunes_or_refuses_unknown_fie
     cluster: Cluster, namespace: str, temper_crds: None, s3_server: S3Server, tiny_model: Path
 ) -> None:
     api = Api(cluster, namespace)
-    base = quickstart_for(namespace, "bucket", "creds", s3_server, tiny_model.parent)
+    base = quickstart_for(namespace, "bucket", "creds", s3_server)
 
     for kind, field, body in mutants(base):
         exc = rejection(api, body)
@@ -201,7 +207,7 @@ def test_operator_names_missing_secret_dead_storage_and_missing_model_while_a_go
     tiny_model: Path,
 ) -> None:
     api = Api(cluster, namespace)
-    base = good_run(quickstart_for(namespace, s3_bucket, s3_secret, s3_server, tiny_model.parent), "good")
+    base = good_run(quickstart_for(namespace, s3_bucket, s3_secret, s3_server), "good")
     no_retry = {"maxRetries": 0, "backoffSeconds": 1}
 
     def variant(name: str, edit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -281,3 +287,51 @@ def test_operator_names_missing_secret_dead_storage_and_missing_model_while_a_go
         assert fake_secret not in str(api.run(name)), f"credentials leaked into {name}'s status"
     assert fake_secret not in log
     assert not any(fake_secret in (e.message or "") for name in runs for e in api.events(name))
+
+
+def test_image_faults_get_the_kubelet_reasons_and_the_run_names_them(
+    cluster: Cluster,
+    namespace: str,
+    operator: OperatorProcess,
+    s3_server: S3Server,
+    s3_bucket: str,
+    s3_secret: str,
+) -> None:
+    """Trainer images that cannot work, run for real by the exec node's container runtime."""
+    api = Api(cluster, namespace)
+    base = good_run(quickstart_for(namespace, s3_bucket, s3_secret, s3_server), "img")
+    images = {
+        "wrong-image": f"{TRAINER_IMAGE}:no-such-tag",  # no registry has it
+        "root-image": BASE_IMAGE,  # no USER: runs as root, which runAsNonRoot forbids
+        "failing-image": f"{OPERATOR_IMAGE}:{IMAGE_TAG}",  # runs, but has no trainer: exits 1
+    }
+    for name, image in images.items():
+        body = good_run(base, name)
+        body["spec"]["trainer"] = {"image": image}
+        body["spec"]["stages"][0]["retries"] = {"maxRetries": 0, "backoffSeconds": 1}
+        api.create_run(body)
+
+    def stalled(name: str) -> Callable[[], dict[str, Any] | None]:
+        def probe() -> dict[str, Any] | None:
+            cond = conditions(api, name).get("Stalled") or {}
+            return cond if cond.get("status") == "True" else None
+
+        return probe
+
+    pulled = wait_for("wrong-image to stall", stalled("wrong-image"), 120, operator)
+    assert pulled["reason"] in ("ErrImagePull", "ImagePullBackOff"), pulled
+    assert images["wrong-image"] in pulled["message"]
+    assert api.stage("wrong-image", "sft")["state"] == "Pending"
+
+    root = wait_for("root-image to stall", stalled("root-image"), 120, operator)
+    assert root["reason"] == "CreateContainerConfigError", root
+    assert "runAsNonRoot" in root["message"]
+    assert "image will run as root" in root["message"]
+    assert api.stage("root-image", "sft")["state"] == "Pending"
+
+    wait_for("failing-image to fail", finished(api, "failing-image"), 180, operator)
+    failed = conditions(api, "failing-image")["Failed"]
+    assert failed["status"] == "True", api.run("failing-image")["status"]
+    # The container died before writing a result: its log tail is the termination message.
+    assert "No module named temper_trainer" in failed["message"], failed
+    assert "Traceback" not in operator.log(), operator.log()[-3000:]

@@ -1,7 +1,9 @@
 """Reliability: the small chaos campaign (``bench/chaos.py --small``) against the session cluster.
 
-Operator SIGKILLs, an apiserver restart, an S3 outage, a preempted trainer pod and a crash in the
-middle of an adapter publish: nothing may be lost, duplicated or Ready-but-corrupt. (The fault
+The operator is the chart's Deployment pod (``helm install``) and trainer pods run from the trainer
+image. Operator SIGKILLs in its pod, a deletion of its pod (the Deployment replaces it), an
+apiserver restart, an S3 outage, a preempted trainer pod and a crash in the middle of an adapter
+publish: nothing may be lost, duplicated or Ready-but-corrupt. (The fault
 hooks themselves are tested in tests/cluster/test_smoke.py.)
 """
 

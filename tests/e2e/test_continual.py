@@ -63,7 +63,6 @@ def _run(
     *,
     replay: float,
     max_regression: float,
-    model_cache: str,
 ) -> dict[str, Any]:
     storage = {
         "uri": f"s3://{bucket}/adapters/{name}/",
@@ -127,7 +126,6 @@ def _run(
                 },
             ],
             "continual": continual,
-            "trainer": {"env": [{"name": "TEMPER_MODEL_CACHE", "value": model_cache}]},
         },
     }
 
@@ -237,7 +235,6 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
                     s3_secret,
                     replay=replay,
                     max_regression=gate,
-                    model_cache=str(tiny_model.parent),
                 ),
             )
         first = run_cycles(1)

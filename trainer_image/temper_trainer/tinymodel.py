@@ -129,6 +129,9 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """The cached tiny model's folder, built once (other processes wait on the lock)."""
     from filelock import FileLock
 
+    baked = Path(os.environ.get("TEMPER_BAKED_MODELS") or "/nonexistent") / RECIPE_VERSION
+    if cache_dir is None and (baked / "build.json").exists():
+        return baked  # the image's read-only copy: nothing to build or lock
     root = cache_dir or model_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     target = root / RECIPE_VERSION

@@ -33,7 +33,13 @@ FAILPOINTS_ANNOTATION = "temper.dev/test-failpoints"
 FAILPOINT_PREFIX = "TEMPER_FAILPOINT"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
-RUN_AS_USER = 1000
+# Every path the trainer writes is one of these volumes; the root filesystem stays read-only.
+# trainer_image/Dockerfile points HOME, TEMPER_WORKDIR and TEMPER_MODEL_CACHE at them
+# (tests/unit/test_chart_dockerfile.py fails if the two drift).
+TMP_DIR = "/tmp"
+WORK_DIR = "/var/lib/temper/work"
+MODEL_CACHE_DIR = "/var/cache/temper/models"
+SHM_DIR = "/dev/shm"
 
 
 class InvalidPodAnnotations(UnresolvedReference):
@@ -268,15 +274,14 @@ def build_job(
         "command": ["python", "-m", "temper_trainer", "run"],
         "env": _env(run, contract, name, nodes, config),
         "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
-        "terminationMessagePolicy": "File",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "readOnlyRootFilesystem": True,
-        },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        # The trainer writes its StageResult there; a container that dies before (a wrong image,
+        # an import error) still says why through its log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    pod_security, container["securityContext"] = _security_contexts(config)
+    volumes, container["volumeMounts"], path_env = _volumes(config)
+    names = {e["name"] for e in container["env"]}
+    container["env"] += [e for e in path_env if e["name"] not in names]
     if nodes > 1:
         container["ports"].append({"name": "rendezvous", "containerPort": config.master_port})
     source_volumes, source_mounts = source_volume_specs(run, config)
@@ -288,15 +293,9 @@ def build_job(
         "restartPolicy": "Never",  # podFailurePolicy requires it; retries are new pods or new Jobs
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security,
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *source_volumes],
+        "volumes": [*volumes, *source_volumes],
     }
     if res is not None:
         if res.node_selector:
@@ -364,6 +363,41 @@ def build_job(
         },
         "spec": spec,
     }
+
+
+def _security_contexts(config: OperatorConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pod Security "restricted": non-root is required, the UID is the image's (numeric USER) or
+    the platform's, unless the operator is configured with one."""
+    pod: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if config.trainer_run_as_user is not None:
+        pod["runAsUser"] = config.trainer_run_as_user
+    container = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+    }
+    return pod, container
+
+
+def _volumes(
+    config: OperatorConfig,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, their mounts and the env that points the trainer at them (defaults a run's
+    spec.trainer.env may override, e.g. TEMPER_MODEL_CACHE to a shared cache)."""
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": config.trainer_tmp_size}},
+        {"name": "work", "emptyDir": {}},
+        # PyTorch DataLoader workers and NCCL use /dev/shm; the runtime's default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.trainer_shm_size}},
+    ]
+    # The model cache is source_volume_specs' (emptyDir, ephemeral or a shared PVC).
+    paths = {"tmp": TMP_DIR, "work": WORK_DIR, "dshm": SHM_DIR}
+    mounts = [{"name": name, "mountPath": path} for name, path in paths.items()]
+    env = [
+        {"name": "TEMPER_WORKDIR", "value": WORK_DIR},
+    ]
+    return volumes, mounts, env
 
 
 def _pod_annotations(run: PostTrainingRun) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -178,8 +177,13 @@ def _from_pods(pods: list[dict[str, Any]]) -> tuple[StageResult | None, int, int
             exit_code = term.get("exitCode")
             raw = term.get("message")
             if raw and result is None:
-                with contextlib.suppress(ValueError):
+                try:
                     result = StageResult.model_validate(json.loads(raw))
+                except ValueError:
+                    # Not the trainer's result: the container died before writing it (a wrong
+                    # image, a crash at import); the kubelet's log tail says why.
+                    if exit_code:
+                        result = StageResult(error=" | ".join(raw.strip().splitlines()[-3:])[-MESSAGE_LIMIT:])
     return result, disruptions, exit_code
 
 

@@ -1,0 +1,57 @@
+"""e2e fixtures: a hermetic cluster whose exec node runs every pod as a container from its image,
+and the operator as users run it, installed by Helm from the locally built operator image.
+
+Images come from ``make images`` (``hack/build-images.sh``); the fixture calls it too, which is a
+content-hash check when they are current, so running pytest directly never tests stale images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from temper_dev.cluster import Cluster
+from temper_dev.incluster import HelmOperator, build_images
+from temper_dev.s3server import S3Server
+
+# The intervals of tests/fixtures/operator.py, so in-cluster tests are as quick.
+FAST_ENV = {
+    "TEMPER_LEASE_RENEW_SECONDS": "1",
+    "TEMPER_PROGRESS_INTERVAL_SECONDS": "0.5",
+    "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state_dir: Path = tmp_path_factory.mktemp("hermetic-cluster-oci")
+    build_images(state_dir / "build-images.log")
+    hermetic = Cluster(state_dir=state_dir, runtime="container")
+    hermetic.up(timeout=120)
+    try:
+        yield hermetic
+    finally:
+        hermetic.down()
+
+
+@pytest.fixture
+def helm_operator(
+    cluster: Cluster, temper_crds: None, namespace: str, s3_server: S3Server
+) -> Iterator[HelmOperator]:
+    """``helm install charts/temper`` into the test's namespace (restricted Pod Security),
+    watching it; the operator pod runs on the exec node from the operator image."""
+    operator = HelmOperator(
+        Path(cluster.kubeconfig),
+        namespace,
+        cluster.state_dir,
+        helm=cluster.bin("helm"),
+        storage_endpoint=s3_server.endpoint_url,
+        extra_env=FAST_ENV,
+        lease_seconds=5,
+    )
+    operator.install(timeout=180)
+    try:
+        yield operator
+    finally:
+        operator.uninstall()
