@@ -92,6 +92,7 @@ class _StageView:
     message: str | None = None
     output: AdapterRef | None = None
     cause: str | None = None  # why the stage failed, as a condition reason, when it is plain
+    topology: dict[str, Any] | None = None  # what the latest finished attempt ran on
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.stage.name, "state": self.state, "attempts": self.attempts}
@@ -106,6 +107,8 @@ class _StageView:
             if value is not None:
                 out[key] = value
         out["metrics"] = dict(self.metrics)
+        if self.topology:
+            out["topology"] = dict(self.topology)
         return out
 
 
@@ -284,6 +287,9 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         prev = prev_stages.get(stage.name) or {}
         view.metrics = dict(prev.get("metrics") or {})
         jobs = sorted(jobs_by_stage.get(stage.name, []), key=lambda j: j.attempt)
+        view.topology = prev.get("topology")
+        if jobs and jobs[-1].result is not None and jobs[-1].result.topology is not None:
+            view.topology = jobs[-1].result.topology.model_dump(by_alias=True)
         prefix = output_prefix(spec.storage.uri, stage.name, cycle)
         if failed is not None:
             view.state = "Skipped"
