@@ -113,14 +113,20 @@ def test_progress_json_is_written_rate_limited(storage: Storage, s3_bucket: str,
     reporter = ProgressReporter(c, storage)
     assert progress_uri(c) == f"s3://{s3_bucket}/out/sft/attempts/2/progress.json"
     reporter.set_phase("starting")
-    reporter.update(step=1, total=10, loss=2.0, tokens=100)
-    reporter.update(step=2, total=10, loss=1.5, tokens=100)  # within the interval: not written
+    assert reporter.interval == 30.0  # the progress contract: at least every 30 s
+    reporter.update(step=1, total=100, loss=2.0, tokens=100)
+    reporter.update(step=2, total=100, loss=1.5, tokens=100)  # within the interval: not written
     first = StageProgress.model_validate_json(storage.get_bytes(progress_uri(c)))
     assert first.phase == "starting"
     assert first.step == 0
-    reporter.update(step=5, total=10, loss=1.0, tokens=100, force=True)
+    reporter.update(step=10, total=100, loss=1.2, tokens=100)  # crossed the 10% mark: written
+    tenth = StageProgress.model_validate_json(storage.get_bytes(progress_uri(c)))
+    assert (tenth.step, tenth.percent) == (10, 10.0)
+    reporter.update(step=11, total=100, loss=1.1, tokens=100)  # same decile, within 30 s: not written
+    assert StageProgress.model_validate_json(storage.get_bytes(progress_uri(c))).step == 10
+    reporter.update(step=50, total=100, loss=1.0, tokens=100, force=True)
     now = StageProgress.model_validate_json(storage.get_bytes(progress_uri(c)))
-    assert (now.step, now.total_steps, now.percent, now.loss, now.phase) == (5, 10, 50.0, 1.0, "training")
+    assert (now.step, now.total_steps, now.percent, now.loss, now.phase) == (50, 100, 50.0, 1.0, "training")
     assert now.eta_seconds is not None
     assert now.tokens_per_second
     assert now.updated_at.endswith("Z")

@@ -1,9 +1,12 @@
 """Resumable checkpoints in storage, shared by all attempts of a stage.
 
-Layout: ``<output prefix>/checkpoints/step-<n>/state.pt`` (+ extra files), then ``COMPLETE`` written
-LAST, listing every file's sha256. A checkpoint without its marker (a pod killed mid-upload) is
-ignored, so resume always starts from the newest *complete* one. Older ones beyond ``keep`` are
-pruned marker-first, so a half-deleted checkpoint never looks complete.
+Layout: ``<output prefix>/checkpoints/step-<n>/<files>``, then ``COMPLETE`` written LAST, listing
+every file's sha256. The files are a Hugging Face Trainer ``checkpoint-<n>`` folder
+(:meth:`Checkpointer.save_folder`: what the TRL stages write and
+``trainer.train(resume_from_checkpoint=)`` reads) or ``state.pt`` plus extra files
+(:meth:`Checkpointer.save`: the hand-written stages). A checkpoint without its marker (a pod
+killed mid-upload) is ignored, so resume always starts from the newest *complete* one. Older ones
+beyond ``keep`` are pruned marker-first, so a half-deleted checkpoint never looks complete.
 """
 
 from __future__ import annotations
@@ -61,11 +64,16 @@ class Checkpointer:
         for name, path in (files or {}).items():
             if path.resolve() != (local / name).resolve():
                 shutil.copyfile(path, local / name)
+        self.save_folder(step, local)
+
+    def save_folder(self, step: int, local: Path) -> None:
+        """Upload every file under ``local`` (e.g. a Trainer ``checkpoint-<n>`` folder), then delete it."""
         uri = self.root.join(f"step-{step}")
         digests = {}
-        for path in sorted(p for p in local.iterdir() if p.is_file()):
-            digests[path.name] = sha256_file(path)
-            self.storage.upload_file(path, uri.join(path.name))
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            name = path.relative_to(local).as_posix()
+            digests[name] = sha256_file(path)
+            self.storage.upload_file(path, uri.join(name))
         marker = json.dumps({"step": step, "files": digests}).encode()
         self.storage.put_bytes(uri.join(MARKER), marker)
         self._last_save = time.monotonic()
@@ -99,7 +107,9 @@ class Checkpointer:
             except (StorageError, KeyError, ValueError) as exc:
                 log.warning("skipping checkpoint step %d: %s", step, exc)
                 continue
-            state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
+            state = {}
+            if (local / STATE_FILE).exists():
+                state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
             log.info("resuming from checkpoint step %d", step)
             return Checkpoint(step, local, state)
         return None

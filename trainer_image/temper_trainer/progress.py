@@ -1,8 +1,9 @@
 """Live progress: ``<output prefix>/attempts/<attempt>/progress.json`` (a ``StageProgress``).
 
 Trainer pods have no Kubernetes API access, so progress travels through the run's own storage:
-the trainer rewrites this object at most every ``progressIntervalSeconds`` (and on every phase
-change); the operator reads it with the run's credentials. A failed write never stops training.
+the trainer rewrites this object every ``progressIntervalSeconds`` (at most 30 s apart), whenever
+the percentage crosses a 10% mark, and on every phase change; the operator reads it with the
+run's credentials. A failed write never stops training.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from temper.storage import S3Uri, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
+MAX_INTERVAL_SECONDS = 30.0  # the progress contract: a write at least every 30 s and every 10%
 Phase = Literal["starting", "training", "evaluating", "publishing", "done"]
 
 
@@ -30,7 +32,8 @@ class ProgressReporter:
     def __init__(self, contract: StageContract, storage: Storage | None) -> None:
         self.uri = progress_uri(contract)
         self.storage = storage
-        self.interval = float(contract.progress_interval_seconds)
+        self.interval = min(float(contract.progress_interval_seconds), MAX_INTERVAL_SECONDS)
+        self._decile = 0
         self.started = time.monotonic()
         self.state = StageProgress()
         self._last_write = 0.0
@@ -75,7 +78,9 @@ class ProgressReporter:
         state.tokens_per_second = None if self.tokens_per_second is None else round(self.tokens_per_second, 1)
         if state.phase == "starting":
             state.phase = "training"
-        if force or now - self._last_write >= self.interval:
+        decile = int(state.percent // 10)
+        if force or decile > self._decile or now - self._last_write >= self.interval:
+            self._decile = decile
             self.flush()
 
     def flush(self) -> None:

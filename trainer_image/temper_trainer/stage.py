@@ -174,9 +174,26 @@ class StageContext:
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"baseModel {self.contract.base_model!r}: {exc}") from exc
         self._tokenizer = tokenizer
+        self.set_attention(model)
         if self.contract.peft.method != "qlora":  # bitsandbytes places quantized weights itself
             model = model.to(self.device)
         return model, tokenizer
+
+    def set_attention(self, model: Any) -> None:
+        """Apply ``hyperparameters.attnImplementation`` (the model's default when unset)."""
+        import importlib.util
+
+        impl = self.contract.hyperparameters.attn_implementation
+        if impl is None:
+            return
+        if impl == "flash_attention_2" and (
+            self.device.type != "cuda" or importlib.util.find_spec("flash_attn") is None
+        ):
+            raise Unsupported(
+                "hyperparameters.attnImplementation: flash_attention_2 needs a CUDA GPU and the flash-attn "
+                "package; use sdpa"
+            )
+        model.set_attn_implementation(impl)
 
     def fetch_adapter(self, ref: AdapterRef) -> Path:
         """Download and verify a published adapter; returns its local folder."""

@@ -19,7 +19,7 @@ Readers trust only ``manifest.json`` and verify every file it lists.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,6 +95,37 @@ class PeftSpec(_Strict):
     num_virtual_tokens: int = Field(8, alias="numVirtualTokens", ge=1)  # prompt/prefix/p-tuning
 
 
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
+# TRL 1.16's DPOConfig.loss_type and GRPOConfig.loss_type values; each stage type takes its own
+LossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "bnpo",
+    "cispo",
+    "sapo",
+    "luspo",
+    "vespo",
+]
+GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(t for t in get_args(LossType) if t not in GRPO_LOSS_TYPES)
+
+
 class Hyperparameters(_Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, alias="maxSteps", ge=1)
@@ -111,6 +142,13 @@ class Hyperparameters(_Strict):
     # Weight of the chosen answers' NLL added to the DPO loss (RPO). Unset means the dpo stage's
     # default of 1.0: pure DPO (0) stalls near 70% preference accuracy on small models.
     rpo_alpha: float | None = Field(None, alias="rpoAlpha", ge=0)
+    # TRL's knobs, mapped onto each trainer's config (temper_trainer.stages._trl_common)
+    precision: Precision = "auto"  # auto: bf16 on a CUDA GPU that supports it, else fp32
+    gradient_checkpointing: bool = Field(False, alias="gradientCheckpointing")
+    attn_implementation: AttnImplementation | None = Field(None, alias="attnImplementation")
+    liger: bool = False  # Liger kernels (needs liger-kernel and a CUDA GPU)
+    loss_type: LossType | None = Field(None, alias="lossType")  # dpo / grpo
+    num_iterations: int = Field(1, alias="numIterations", ge=1, le=64)  # grpo: updates per generation
 
 
 class RewardSpec(_Strict):

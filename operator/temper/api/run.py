@@ -137,6 +137,16 @@ class Hyperparameters(ApiMixin, contract.Hyperparameters):
         "maxNewTokens": "Generation length limit (grpo, synthetic-preferences, eval).",
         "temperature": "Sampling temperature for generation.",
         "rpoAlpha": "dpo: weight of the chosen NLL added to the loss (RPO). Unset: 1.0; 0: pure DPO.",
+        "precision": "Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), bf16, fp16 "
+        "(CUDA only) or fp32.",
+        "gradientCheckpointing": "Recompute activations in the backward pass: less memory, ~20% slower.",
+        "attnImplementation": "Attention kernel: sdpa, flash_attention_2 (needs flash-attn and a GPU) or "
+        "eager. Absent: the model's default.",
+        "liger": "Liger Triton kernels for the model's layers (needs liger-kernel and a CUDA GPU).",
+        "lossType": "dpo: TRL's DPO loss (sigmoid, ipo, hinge, ...; default sigmoid). grpo: TRL's GRPO loss "
+        "(grpo, dapo, dr_grpo, bnpo, ...; default dapo).",
+        "numIterations": "grpo: policy updates per batch of generations (TRL's num_iterations, PPO-style "
+        "clipping when > 1).",
     }
 
 
