@@ -217,6 +217,7 @@ def _run_contract(
                 topology=topology,
             )
     outcome = get_stage(contract.stage.type)(ctx)
+    outcome.metrics.update(distributed.run_metrics())  # e.g. whether DDP replicas stayed identical
     if not main:  # exactly one rank publishes
         return EXIT_OK, StageResult(metrics=outcome.metrics, topology=topology)
     ctx.set_phase("publishing")

@@ -21,7 +21,7 @@ for a model whose weights do not fit one device, else ``ddp``.
 FSDP with LoRA: FSDP2 handles frozen and trainable parameters in one unit, so no
 ``use_orig_params``; the decoder layer class (``_no_split_modules``) is the wrap unit.
 FSDP with QLoRA (CUDA only): the 4-bit weights are stored in the compute dtype
-(``bnb_4bit_quant_storage=torch.bfloat16``, :func:`quantization_kwargs`) so FSDP can flatten
+(``bnb_4bit_quant_storage=torch.bfloat16``, :func:`quant_storage_dtype`) so FSDP can flatten
 them with the bf16 LoRA weights, and ``cpu_ram_efficient_loading`` loads the base on rank 0
 only. Checkpoints use ``FULL_STATE_DICT`` so rank 0's folder alone is a complete checkpoint.
 """
@@ -131,6 +131,49 @@ def barrier() -> None:
         dist.barrier()
 
 
+# -- replica consistency ----------------------------------------------------------------------------
+
+_RUN_METRICS: dict[str, float] = {}
+
+
+def run_metrics() -> dict[str, float]:
+    """Metrics the distribution layer measured in this process (merged into the manifest)."""
+    return dict(_RUN_METRICS)
+
+
+def check_replicas(model: Any) -> bool | None:
+    """After DDP training: do all ranks hold bit-identical trainable weights? (None: not DDP.)
+
+    Each rank hashes its trainable parameters in name order and the digests are compared; a
+    mismatch means replicas silently diverged, so the published rank-0 weights are suspect.
+    """
+    if not _group_ready():
+        return None
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not param.requires_grad:
+            continue
+        if type(param.data).__name__ == "DTensor":  # FSDP shards differ by design
+            return None
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    identical = len(set(digests)) == 1
+    _RUN_METRICS["dist/world_size"] = float(dist.get_world_size())
+    _RUN_METRICS["dist/replicas_identical"] = 1.0 if identical else 0.0
+    if not identical:
+        import logging
+
+        logging.getLogger(__name__).error("DDP replicas diverged: trainable weight digests %s", digests)
+    return identical
+
+
 # -- strategy ----------------------------------------------------------------------------------
 
 
@@ -205,9 +248,10 @@ def fsdp_config(model: Any = None, *, gradient_checkpointing: bool = False) -> d
         # FSDP's own activation checkpointing; TrainingArguments' would add an all-gather per layer
         "activation_checkpointing": gradient_checkpointing,
     }
+    # Without a model accelerate wraps the classes in the model's own _no_split_modules.
+    config["auto_wrap_policy"] = "TRANSFORMER_BASED_WRAP"
     layers = sorted(set(getattr(_unwrap(model), "_no_split_modules", None) or []))
     if layers:
-        config["auto_wrap_policy"] = "TRANSFORMER_BASED_WRAP"
         config["transformer_layer_cls_to_wrap"] = layers
     return config
 
@@ -234,6 +278,8 @@ def trainer_kwargs(
     import torch
 
     strategy = stage_strategy(contract, model_dir)
+    if strategy == "single":
+        return {}
     kwargs: dict[str, Any] = {
         "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
         "ddp_timeout": DDP_TIMEOUT_SECONDS,
@@ -247,15 +293,13 @@ def trainer_kwargs(
     return kwargs
 
 
-def quantization_kwargs(contract: StageContract, compute_dtype: Any = None) -> dict[str, Any]:
-    """Extra ``BitsAndBytesConfig`` fields FSDP needs: 4-bit weights stored in the compute dtype."""
-    if contract.peft.method != "qlora" or (contract.peft.bits or 4) != 4:
-        return {}
-    if stage_strategy(contract) != "fsdp":
-        return {}
+def quant_storage_dtype(contract: StageContract, compute_dtype: Any = None) -> Any:
+    """``bnb_4bit_quant_storage`` for QLoRA 4-bit under FSDP (the compute dtype), else None."""
+    if contract.peft.method != "qlora" or contract.peft.bits == 8 or stage_strategy(contract) != "fsdp":
+        return None
     import torch
 
-    return {"bnb_4bit_quant_storage": compute_dtype or torch.bfloat16}
+    return compute_dtype or torch.bfloat16
 
 
 def topology(contract: StageContract, strategy: Resolved | None = None) -> Topology:

@@ -160,6 +160,7 @@ class StageContext:
         return self._tokenizer
 
     def load_base_model(self, *, dtype: Any = None) -> tuple[Any, Any]:
+        from temper_trainer.distributed import quant_storage_dtype
         from temper_trainer.models import load_model
         from temper_trainer.peft_setup import check_supported, quantization_config
 
@@ -169,7 +170,9 @@ class StageContext:
                 self.contract.base_model,
                 self.storage,
                 dtype=dtype,
-                quantization=quantization_config(self.contract.peft),
+                quantization=quantization_config(
+                    self.contract.peft, quant_storage=quant_storage_dtype(self.contract)
+                ),
             )
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"baseModel {self.contract.base_model!r}: {exc}") from exc
