@@ -38,7 +38,8 @@ def test_dpo_raises_heldout_preference_accuracy_to_90_percent(rl: RlStages) -> N
         "dpo",
         data={"train": [ARITH_PREFS], "eval": [ARITH_PREFS_HELDOUT]},
         peft={"method": "lora", "r": 8, "alpha": 16},
-        hyperparameters={"maxSteps": 150, "batchSize": 16, "learningRate": 2e-3, "beta": 0.1},
+        # beta 0.3: on TRL's DPOTrainer (and on HEAD's loop with transformers 5.24) 0.1 plateaus near 85%
+        hyperparameters={"maxSteps": 150, "batchSize": 16, "learningRate": 2e-3, "beta": 0.3},
     )
     code, result = rl.run(doc)
     assert code == EXIT_OK, result

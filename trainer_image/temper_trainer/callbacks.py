@@ -61,9 +61,15 @@ def agree(*flags: bool) -> list[bool]:
 class TemperCallback(TrainerCallback):
     """Progress, metrics, periodic and SIGTERM checkpoints for one stage attempt."""
 
-    def __init__(self, ctx: StageContext, stage_state: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: StageContext,
+        stage_state: Callable[[], dict[str, Any]] | None = None,
+        gauges: dict[str, str] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.stage_state = stage_state
+        self.gauges = gauges or {"reward": "reward", "kl": "kl"}  # gauge -> the TRL log key it shows
         self.preempted_at: int | None = None
         self.last_logs: dict[str, float] = {}
         self._tokens_seen = 0
@@ -90,7 +96,7 @@ class TemperCallback(TrainerCallback):
     def _report(self, state: TrainerState) -> None:
         seen = int(state.num_input_tokens_seen or 0)
         tokens, self._tokens_seen = seen - self._tokens_seen, seen
-        extra = {k: self.last_logs[k] for k in ("reward", "kl") if k in self.last_logs}
+        extra = {gauge: self.last_logs[key] for gauge, key in self.gauges.items() if key in self.last_logs}
         self.ctx.report(
             step=state.global_step,
             total=state.max_steps,

@@ -86,17 +86,26 @@ def check_liger(hp: Hyperparameters, device: torch.device) -> None:
         raise Unsupported("hyperparameters.liger: the liger-kernel package is not installed in this image")
 
 
-def trainer_args(ctx: StageContext, steps: int, *, per_device_batch: int | None = None) -> dict[str, Any]:
-    """The TrainingArguments fields every TRL config shares, from the contract."""
+def trainer_args(
+    ctx: StageContext, steps: int, *, per_device_batch: int | None = None, scheduler: str = "linear"
+) -> dict[str, Any]:
+    """The TrainingArguments fields every TRL config shares, from the contract.
+
+    ``scheduler``: linear decay after warmup (sft), or constant after warmup (the preference and
+    RL stages, whose noisy updates need the rate to stay up).
+    """
+    from datasets.utils.logging import disable_progress_bar
+
     hp = ctx.contract.hyperparameters
     check_liger(hp, ctx.device)
+    disable_progress_bar()  # the progress contract reports; per-map bars only clutter the pod log
     return {
         "output_dir": str(ctx.workdir / "trainer"),
         "max_steps": steps,
         "per_device_train_batch_size": per_device_batch or hp.batch_size,
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "learning_rate": hp.learning_rate,
-        "lr_scheduler_type": "linear",
+        "lr_scheduler_type": scheduler,
         "warmup_steps": int(hp.warmup_ratio * steps),
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
@@ -134,7 +143,7 @@ def ordered(trainer_cls: type, sequential: bool) -> type:
 
 
 def quiet(trainer: Any) -> None:
-    """Drop the Trainer's stdout log printer: temper's progress contract replaces it."""
+    """Drop the Trainer's stdout log printer and progress bars: the progress contract replaces them."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -147,9 +156,13 @@ def fit(
     resume: Resume,
     *,
     stage_state: Callable[[], dict[str, Any]] | None = None,
-) -> Any:
-    """Train with temper's callbacks, from ``resume``; raise Preempted after a SIGTERM checkpoint."""
-    callback = TemperCallback(ctx, stage_state)
+    gauges: dict[str, str] | None = None,
+) -> TemperCallback:
+    """Train with temper's callbacks, from ``resume``; raise Preempted after a SIGTERM checkpoint.
+
+    Returns the callback: ``last_logs`` holds the newest value of every metric TRL logged.
+    """
+    callback = TemperCallback(ctx, stage_state, gauges)
     quiet(trainer)
     trainer.add_callback(callback)
     if is_adalora(trainer.model):
@@ -160,8 +173,16 @@ def fit(
         raise Preempted(
             f"SIGTERM at step {callback.preempted_at}/{trainer.state.max_steps}; checkpoint saved"
         )
-    return trainer.state
+    return callback
 
 
 def train_metrics(state: Any) -> dict[str, float]:
     return {"train/loss": train_loss(state), "train/steps": float(state.max_steps)}
+
+
+def drop_reference_adapter(model: Any) -> Any:
+    """Remove the frozen ``ref`` adapter TRL adds for the reference policy: not part of the artifact."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.set_adapter("default")
+        model.delete_adapter("ref")
+    return model

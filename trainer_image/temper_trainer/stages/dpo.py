@@ -1,47 +1,51 @@
-"""dpo: Direct Preference Optimization on prompt/chosen/rejected pairs (sigmoid loss).
+"""dpo: Direct Preference Optimization on TRL's ``DPOTrainer`` + ``DPOConfig``.
 
-The loss adds ``rpoAlpha`` x the chosen responses' per-token NLL (RPO, Pang et al. 2024; TRL's
-``rpo_alpha``). Pure DPO (``rpoAlpha: 0``) only moves the *difference* of the two log-probs, so on a
-new prompt format it memorizes the training pairs; the NLL term teaches the format too, which is
+``lossType`` is TRL's DPO loss (default ``sigmoid``). ``rpoAlpha`` adds that weight x the chosen
+responses' per-token NLL (RPO, Pang et al. 2024): TRL's ``sft`` loss combined through
+``loss_weights``. Pure DPO (``rpoAlpha: 0``) only moves the *difference* of the two log-probs, so on
+a new prompt format it memorizes the training pairs; the NLL term teaches the format too, which is
 what carries the preference to held-out prompts (tiny model, arith: pure DPO plateaus near 75%
-held-out accuracy, RPO reaches over 90%). The contract has no field for it yet: the default is
-:data:`DEFAULT_RPO_ALPHA` and the value used is recorded in the lineage.
+held-out accuracy, RPO reaches over 90%). Unset, it is :data:`DEFAULT_RPO_ALPHA`; the value used
+is recorded in the lineage.
 
 The policy starts from the parent adapter (``from``) or a fresh adapter on the base model; the
-reference is that starting policy. Reference log-probs are computed once, up front, and kept in
-every checkpoint, so no second model is held in memory and a resumed run uses the same values.
+reference is that starting policy (TRL keeps a frozen ``ref`` copy of the adapter, dropped before
+publishing). Prompts are rendered as the sft stage renders them (``<bos>`` + prompt), so a parent
+adapter sees the prompts it was trained on.
 
 Metrics: ``eval/preference_accuracy`` (share of held-out pairs whose chosen response has the
-higher policy log-prob; ``train/...`` when no eval data is given) and its ``_before`` value;
-``train/reward_margin`` and ``train/reward_accuracy`` (DPO's implicit reward
-beta * (log pi - log ref)), ``train/loss``, ``train/kl`` (mean per-token log pi - log ref on the
-chosen responses of the last batch), plus the eval stage's metrics for ``data.eval``/``suites``.
+higher policy log-prob; ``train/...`` when no eval data is given) and its ``_before`` value
+(measured once, kept in checkpoints); from TRL's logs ``train/reward_margin``
+(``rewards/margins``), ``train/reward_accuracy`` (``rewards/accuracies``), ``train/kl`` (chosen
+log-ratio policy vs reference, ``rewards/chosen`` / beta), ``train/loss``, plus the eval stage's
+metrics for ``data.eval``/``suites``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from temper_trainer.callbacks import is_main_process
 from temper_trainer.data import Record
 from temper_trainer.stage import StageContext, StageOutcome
 from temper_trainer.stages import register_stage
 from temper_trainer.stages._rl_common import (
-    after_optimizer_step,
-    batch_indices,
     batched_sequence_logprobs,
-    checkpoint_or_stop,
     load_policy,
-    make_optimizer,
     policy_method,
     prompt_token_ids,
     publish_policy,
     require_records,
-    response_logprobs,
     response_token_ids,
-    restore_training,
-    set_learning_rate,
+)
+from temper_trainer.stages._trl_common import (
+    drop_reference_adapter,
+    find_resume,
+    fit,
+    ordered,
     total_steps,
-    training_state,
+    train_metrics,
+    trainer_args,
 )
 
 EVAL_BATCH = 32
@@ -49,7 +53,7 @@ DEFAULT_RPO_ALPHA = 1.0
 
 
 class _Pairs:
-    """Tokenized preference pairs."""
+    """Tokenized preference pairs (for temper's own accuracy metric)."""
 
     def __init__(self, records: list[Record], tokenizer: Any) -> None:
         self.prompts = [prompt_token_ids(r, tokenizer) for r in records]
@@ -85,10 +89,34 @@ def preference_accuracy(ctx: StageContext, model: Any, pairs: _Pairs, pad_id: in
     return float((chosen > rejected).float().mean())
 
 
+def preference_dataset(records: list[Record], tokenizer: Any) -> Any:
+    """prompt/chosen/rejected text for TRL, the prompt rendered exactly as the sft stage's."""
+    from datasets import Dataset
+
+    prompts = [tokenizer.decode(prompt_token_ids(r, tokenizer)) for r in records]
+    return Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [str(r["chosen"]) for r in records],
+            "rejected": [str(r["rejected"]) for r in records],
+        }
+    )
+
+
+def loss_config(ctx: StageContext) -> tuple[dict[str, Any], float]:
+    """DPOConfig's loss fields: the DPO loss, plus TRL's ``sft`` term weighted by rpoAlpha."""
+    hp = ctx.contract.hyperparameters
+    rpo_alpha = DEFAULT_RPO_ALPHA if hp.rpo_alpha is None else float(hp.rpo_alpha)
+    loss = hp.loss_type or "sigmoid"
+    if not rpo_alpha:
+        return {"loss_type": [loss]}, rpo_alpha
+    return {"loss_type": [loss, "sft"], "loss_weights": [1.0, rpo_alpha]}, rpo_alpha
+
+
 @register_stage("dpo")
 def run(ctx: StageContext) -> StageOutcome:
-    import torch
-    import torch.nn.functional as F
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
 
     contract, hp = ctx.contract, ctx.contract.hyperparameters
     train_records = ctx.load_dataset("train")
@@ -97,78 +125,43 @@ def run(ctx: StageContext) -> StageOutcome:
     if eval_records:
         require_records(eval_records, "eval", "preference")
 
-    steps = total_steps(hp, len(train_records), hp.batch_size)
+    steps = total_steps(hp, len(train_records), hp.batch_size * hp.gradient_accumulation_steps)
     method = policy_method(ctx)
     model, tokenizer = load_policy(ctx, steps)
     pad_id = tokenizer.pad_token_id
-    train, held_out = _Pairs(train_records, tokenizer), _Pairs(eval_records or train_records, tokenizer)
-    optimizer = make_optimizer(model, hp)
+    held_out = _Pairs(eval_records or train_records, tokenizer)
 
-    resumed = ctx.checkpointer.latest()
-    if resumed is not None:
-        saved = resumed.state
-        restore_training(model, optimizer, saved)
-        ref_chosen, ref_rejected = saved["ref_chosen"], saved["ref_rejected"]
-        accuracy_before = float(saved["accuracy_before"])
-        start = resumed.step
+    resume = find_resume(ctx)
+    if "accuracy_before" in resume.stage_state:
+        accuracy_before = float(resume.stage_state["accuracy_before"])
     else:
         ctx.set_phase("evaluating")
-        model.eval()
-        ref_chosen, ref_rejected = train.logprobs(ctx, model, pad_id, hp.max_length)
         accuracy_before = preference_accuracy(ctx, model, held_out, pad_id, hp.max_length)
-        model.train()
-        start = 0
 
-    def snapshot() -> dict[str, Any]:
-        return training_state(
-            model,
-            optimizer,
-            ref_chosen=ref_chosen,
-            ref_rejected=ref_rejected,
-            accuracy_before=accuracy_before,
-        )
-
-    configured = hp.rpo_alpha
-    rpo_alpha = DEFAULT_RPO_ALPHA if configured is None else float(configured)
-    ctx.set_phase("training")
-    micro = max(1, hp.batch_size // hp.gradient_accumulation_steps)
-    loss_value, margin, reward_acc, kl = float("nan"), 0.0, 0.0, 0.0
-    for step in range(start, steps):
-        set_learning_rate(optimizer, hp, step, steps)
-        batch = batch_indices(len(train), hp.batch_size, step, contract.seed)
-        step_loss, margins, correct, kls, tokens = 0.0, [], 0.0, [], 0
-        for chunk_start in range(0, len(batch), micro):
-            chunk = batch[chunk_start : chunk_start + micro]
-            prompts = [train.prompts[i] for i in chunk] * 2
-            responses = [train.chosen[i] for i in chunk] + [train.rejected[i] for i in chunk]
-            logps, mask = response_logprobs(
-                model, prompts, responses, pad_id=pad_id, device=ctx.device, max_length=hp.max_length
-            )
-            sums = logps.sum(-1)
-            n = len(chunk)
-            ref_c = ref_chosen[chunk].to(ctx.device)
-            ref_r = ref_rejected[chunk].to(ctx.device)
-            chosen_reward = hp.beta * (sums[:n] - ref_c)
-            rejected_reward = hp.beta * (sums[n:] - ref_r)
-            loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
-            if rpo_alpha:
-                loss = loss - rpo_alpha * (sums[:n] / mask[:n].sum(-1)).mean()
-            (loss * n / len(batch)).backward()  # type: ignore[no-untyped-call]
-            step_loss += float(loss.detach()) * n / len(batch)
-            margins.append((chosen_reward - rejected_reward).detach())
-            correct += float((chosen_reward > rejected_reward).float().sum())
-            kls.append(((sums[:n].detach() - ref_c) / mask[:n].sum(-1)).mean())
-            tokens += int(mask.sum())
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
-        optimizer.step()
-        after_optimizer_step(model, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = step_loss
-        margin = float(torch.cat(margins).mean())
-        reward_acc = correct / len(batch)
-        kl = float(torch.stack(kls).mean())
-        ctx.report(step=step + 1, total=steps, loss=loss_value, tokens=tokens, reward=margin, kl=kl)
-        checkpoint_or_stop(ctx, step + 1, snapshot)
+    losses, rpo_alpha = loss_config(ctx)
+    config = DPOConfig(
+        **trainer_args(ctx, steps, scheduler="constant_with_warmup"),
+        **losses,
+        beta=hp.beta,
+        max_length=hp.max_length,
+        remove_unused_columns=False,
+    )
+    trainer_cls = ordered(DPOTrainer, contract.data.curriculum.order_by != "none")
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=preference_dataset(train_records, tokenizer),
+        processing_class=tokenizer,
+    )
+    callback = fit(
+        ctx,
+        trainer,
+        resume,
+        stage_state=lambda: {"accuracy_before": accuracy_before},
+        gauges={"reward": "rewards/margins"},
+    )
+    model = drop_reference_adapter(trainer.model)
+    logs = callback.last_logs
 
     from temper_trainer.stages.eval import evaluate_model
 
@@ -179,21 +172,23 @@ def run(ctx: StageContext) -> StageOutcome:
     split = "eval" if eval_records else "train"
     metrics.update(
         {
+            **train_metrics(trainer.state),
             f"{split}/preference_accuracy_before": accuracy_before,
-            "train/loss": loss_value,
-            "train/reward_margin": margin,
-            "train/reward_accuracy": reward_acc,
-            "train/kl": kl,
-            "train/steps": float(steps),
+            "train/reward_margin": logs.get("rewards/margins", 0.0),
+            "train/reward_accuracy": logs.get("rewards/accuracies", 0.0),
+            "train/kl": logs.get("rewards/chosen", 0.0) / hp.beta,
         }
     )
     # the eval stage's own number wins when data.eval has one, so both stages report the same value
     metrics.setdefault(f"{split}/preference_accuracy", accuracy_after)
-    return publish_policy(
-        ctx,
-        model,
-        tokenizer,
-        method,
-        metrics=metrics,
-        lineage={"pairs": len(train), "evalPairs": len(held_out), "beta": hp.beta, "rpoAlpha": rpo_alpha},
-    )
+    lineage = {
+        "pairs": len(train_records),
+        "evalPairs": len(held_out),
+        "beta": hp.beta,
+        "rpoAlpha": rpo_alpha,
+        "lossType": config.loss_type,
+        "trainer": "trl.DPOTrainer",
+    }
+    if not is_main_process():
+        return StageOutcome(ctx.artifact_dir, metrics, method, lineage=lineage)
+    return publish_policy(ctx, model, tokenizer, method, metrics=metrics, lineage=lineage)

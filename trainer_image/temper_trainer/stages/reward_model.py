@@ -1,6 +1,6 @@
-"""reward-model: a one-logit sequence classifier trained on preference pairs (Bradley-Terry).
+"""reward-model: a one-logit sequence classifier on TRL's ``RewardTrainer`` + ``RewardConfig``.
 
-Loss ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))``. ``peft.method``:
+Bradley-Terry loss ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (TRL's). ``peft.method``:
 
 - ``lora`` (or ``qlora`` on a GPU): LoRA on the backbone plus a fully trained score head (PEFT
   ``SEQ_CLS`` puts the head in ``modules_to_save``). Published in the PEFT layout; loads the stock
@@ -12,8 +12,11 @@ The text a reward model reads is ``temper_trainer.rewards.reward_model_input_ids
 scoring, so training and use agree). The model starts from ``baseModel``; a ``from`` parent is
 not supported (its causal-LM adapter does not transfer to a classifier load).
 
+Pairs reach TRL tokenized (``chosen_ids``/``rejected_ids``) by the same function scoring uses.
+
 Metrics: ``eval/accuracy`` and ``eval/accuracy_before`` (share of held-out pairs scored
-chosen > rejected; ``train/...`` without eval data), ``eval/margin``, ``train/loss``.
+chosen > rejected; ``train/...`` without eval data; the ``before`` value is measured once and kept
+in checkpoints), ``eval/margin``, ``train/loss``, ``train/accuracy`` (TRL's last logged value).
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ from temper_trainer.data import Record
 from temper_trainer.rewards import load_sequence_classifier, reward_model_input_ids, score_ids
 from temper_trainer.stage import InvalidInput, StageContext, StageOutcome, Unsupported
 from temper_trainer.stages import register_stage
-from temper_trainer.stages._rl_common import (
-    batch_indices,
-    checkpoint_or_stop,
-    make_optimizer,
-    require_records,
-    restore_training,
-    set_learning_rate,
+from temper_trainer.stages._rl_common import require_records
+from temper_trainer.stages._trl_common import (
+    find_resume,
+    fit,
+    ordered,
     total_steps,
-    training_state,
+    train_metrics,
+    trainer_args,
 )
 
 EVAL_BATCH = 64
@@ -112,10 +114,12 @@ def build_model(ctx: StageContext, tokenizer: Any) -> Any:
 
 @register_stage("reward-model")
 def run(ctx: StageContext) -> StageOutcome:
-    import torch
-    import torch.nn.functional as F
+    from datasets import Dataset
     from transformers import AutoTokenizer
+    from trl.trainer.reward_config import RewardConfig
+    from trl.trainer.reward_trainer import RewardTrainer
 
+    from temper_trainer.callbacks import is_main_process
     from temper_trainer.models import resolve_model_dir
 
     contract, hp = ctx.contract, ctx.contract.hyperparameters
@@ -134,65 +138,60 @@ def run(ctx: StageContext) -> StageOutcome:
     pad_id = tokenizer.pad_token_id
     train = _Pairs(train_records, tokenizer, hp.max_length)
     held_out = _Pairs(eval_records or train_records, tokenizer, hp.max_length)
-    steps = total_steps(hp, len(train), hp.batch_size)
-    optimizer = make_optimizer(model, hp)
+    steps = total_steps(hp, len(train), hp.batch_size * hp.gradient_accumulation_steps)
 
-    resumed = ctx.checkpointer.latest()
-    if resumed is not None:
-        saved = resumed.state
-        restore_training(model, optimizer, saved)
-        accuracy_before = float(saved["accuracy_before"])
-        start = resumed.step
+    resume = find_resume(ctx)
+    if "accuracy_before" in resume.stage_state:
+        accuracy_before = float(resume.stage_state["accuracy_before"])
     else:
         ctx.set_phase("evaluating")
         accuracy_before, _ = pairwise_accuracy(model, held_out, pad_id, ctx.device)
-        start = 0
 
-    def snapshot() -> dict[str, Any]:
-        return training_state(model, optimizer, accuracy_before=accuracy_before)
-
-    ctx.set_phase("training")
-    model.train()
-    loss_value = float("nan")
-    for step in range(start, steps):
-        set_learning_rate(optimizer, hp, step, steps)
-        batch = batch_indices(len(train), hp.batch_size, step, contract.seed)
-        sequences = [train.chosen[i] for i in batch] + [train.rejected[i] for i in batch]
-        scores = score_ids(model, sequences, pad_id, ctx.device)
-        margin = scores[: len(batch)] - scores[len(batch) :]
-        loss = -F.logsigmoid(margin).mean()
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        accuracy = float((margin.detach() > 0).float().mean())
-        ctx.report(
-            step=step + 1,
-            total=steps,
-            loss=loss_value,
-            tokens=sum(len(s) for s in sequences),
-            accuracy=accuracy,
-        )
-        checkpoint_or_stop(ctx, step + 1, snapshot)
+    config = RewardConfig(
+        **trainer_args(ctx, steps, scheduler="constant_with_warmup"),
+        max_length=hp.max_length,
+        remove_unused_columns=False,
+    )
+    trainer_cls = ordered(RewardTrainer, contract.data.curriculum.order_by != "none")
+    trainer = trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_dict({"chosen_ids": train.chosen, "rejected_ids": train.rejected}),
+        processing_class=tokenizer,
+    )
+    callback = fit(
+        ctx,
+        trainer,
+        resume,
+        stage_state=lambda: {"accuracy_before": accuracy_before},
+        gauges={"reward": "mean_reward"},
+    )
+    model = trainer.model
 
     ctx.set_phase("evaluating")
     accuracy_after, margin_after = pairwise_accuracy(model, held_out, pad_id, ctx.device)
     split = "eval" if eval_records else "train"
     model.eval()
-    model.save_pretrained(str(ctx.artifact_dir))
-    tokenizer.save_pretrained(str(ctx.artifact_dir))  # scorers tokenize exactly as training did
+    if is_main_process():
+        model.save_pretrained(str(ctx.artifact_dir))
+        tokenizer.save_pretrained(str(ctx.artifact_dir))  # scorers tokenize exactly as training did
     method = contract.peft.method
     return StageOutcome(
         artifact_dir=ctx.artifact_dir,
         metrics={
+            **train_metrics(trainer.state),
             f"{split}/accuracy": accuracy_after,
             f"{split}/accuracy_before": accuracy_before,
             f"{split}/margin": margin_after,
-            "train/loss": loss_value,
-            "train/steps": float(steps),
+            "train/accuracy": callback.last_logs.get("accuracy", 0.0),
         },
         method=method,
         servable={"peft": method != "full", "vllm": False},  # a scorer, not a generator
-        lineage={"pairs": len(train), "evalPairs": len(held_out), "head": "score", "numLabels": 1},
+        lineage={
+            "pairs": len(train),
+            "evalPairs": len(held_out),
+            "head": "score",
+            "numLabels": 1,
+            "trainer": "trl.RewardTrainer",
+        },
     )

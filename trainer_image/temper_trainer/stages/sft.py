@@ -99,7 +99,8 @@ def run(ctx: StageContext) -> StageOutcome:
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     resume = find_resume(ctx)
     started = time.monotonic()
-    state = fit(ctx, trainer, resume)
+    fit(ctx, trainer, resume)
+    state = trainer.state
     train_seconds = time.monotonic() - started
     model = trainer.model
 
