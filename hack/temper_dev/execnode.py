@@ -14,6 +14,10 @@ lifecycle hooks and resourceFieldRef env. Not enforced locally (documented, not 
 securityContext user/group IDs and capabilities (PodSecurity admission still checks the spec),
 resource limits, probes (the container counts as ready once started) and images.
 
+Pod DNS: a pod with ``hostname`` + ``subdomain`` (an Indexed Job's pod under its headless
+Service) resolves as ``<hostname>.<subdomain>[.<ns>.svc.cluster.local]`` to 127.0.0.1 for every
+pod here, as cluster DNS would, through nss_wrapper (``PodDns``; hack/build-tools.sh fetches it).
+
 The pure functions (env resolution, path rewriting, status building, validation) are unit
 tested in ``tests/unit/test_execnode_*.py``.
 """

@@ -20,6 +20,7 @@ from temper.api.contract import StageContract, StageProgress, StorageConfig
 from temper.storage import S3Uri, Storage
 from temper_dev.cluster import Cluster
 from temper_dev.s3server import S3Server
+from temper_trainer.checkpoint import Checkpointer
 
 from tests.cluster.test_operator_pipeline import Api, pipeline, wait_for
 from tests.fixtures.operator import OperatorProcess
@@ -119,11 +120,7 @@ def test_two_node_indexed_job_rendezvous_by_pod_dns_resumes_after_sigterm_and_pu
         "(world size 2, rendezvous multi-sft-c1-a2-0.multi-sft-c1-a2:" in log for log in logs.values()
     ), logs
     manifest, _ = storage.read_manifest(sft["manifestUri"])
-    checkpoint_steps = sorted(
-        int(k.split("/")[1].removeprefix("step-"))
-        for k in storage.list_keys(S3Uri.parse(contract.output.prefix).join("checkpoints"))
-        if k.endswith("/COMPLETE")
-    )
+    checkpoint_steps = Checkpointer(contract, storage, tmp_path / "ck").complete_steps()
     assert manifest.lineage["resumedFromStep"] in checkpoint_steps
     assert seen <= manifest.lineage["resumedFromStep"] < STEPS - 1
     assert manifest.metrics["dist/replicas_identical"] == 1.0

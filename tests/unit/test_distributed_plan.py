@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK, EXIT_PREEMPTED, StageContract, Topology
-from temper.api.run import StageResources
+from temper.api.run import PostTrainingRun, StageResources
 from temper_dev.execnode import hosts_file_text, pod_dns_names
 from temper_trainer import distributed
 from temper_trainer.launch import LaunchError, compose_result, launch_config, plan_launch
@@ -161,3 +161,16 @@ def test_exec_node_resolves_pod_dns_names_of_indexed_job_pods_to_loopback() -> N
     assert pod_dns_names({"metadata": {}, "spec": {"hostname": "x"}}) == []
     text = hosts_file_text({"u": names})
     assert text.splitlines() == [f"127.0.0.1 {' '.join(names)}", f"::1 {' '.join(names)}"]
+
+
+def test_strategy_and_nodes_travel_in_the_contract_and_world_size_counts_processes() -> None:
+    from tests.unit.test_builders import _env, _job
+    from tests.unit.test_planner import sample_run
+
+    raw = sample_run()
+    raw["spec"]["stages"][0]["resources"] = {"nodes": 2, "gpus": 4, "strategy": "fsdp"}
+    job = _job(PostTrainingRun.model_validate(raw))
+    env = _env(job)
+    sent = StageContract.from_env(env["TEMPER_STAGE_CONTRACT"]["value"])
+    assert (sent.resources.nodes, sent.resources.gpus_per_node, sent.resources.strategy) == (2, 4, "fsdp")
+    assert env["WORLD_SIZE"]["value"] == "8"
