@@ -147,7 +147,7 @@ class Campaign:
                 "name": "check",
                 "type": "eval",
                 "from": "sft",
-                "hyperparameters": hp,
+                "hyperparameters": {"maxNewTokens": 8},  # eval stages take only generation settings
                 "resources": EXEC,
                 "retries": retries,
                 "suites": [{"name": "arith", "dataset": "heldout", "metric": "exact_match"}],

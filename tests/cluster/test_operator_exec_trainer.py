@@ -53,7 +53,7 @@ def test_real_trainer_runs_sft_then_eval_on_the_exec_node(
             "name": "check",
             "type": "eval",
             "from": "sft",
-            "hyperparameters": hp,
+            "hyperparameters": {"maxNewTokens": 8},  # eval stages take only generation settings
             "resources": EXEC,
             "suites": [{"name": "arith", "dataset": "heldout", "metric": "exact_match"}],
         },

@@ -128,6 +128,16 @@ def _adapter(id: str, path: str, value: Any, *mentions: str) -> Case:
     return Case(id, "Adapter", _set(path, value), mentions)
 
 
+def _synthetic_preferences_with(hyperparameters: Manifest) -> Callable[[Manifest], None]:
+    """Stage 3 (grpo: prompts, rewards, from dpo) turned into a synthetic-preferences stage."""
+
+    def mutate(spec: Manifest) -> None:
+        spec["stages"][3]["type"] = "synthetic-preferences"
+        spec["stages"][3]["hyperparameters"] = dict(hyperparameters)
+
+    return mutate
+
+
 def _append_dataset(spec: Manifest) -> None:
     spec["datasets"].append(copy.deepcopy(spec["datasets"][0]))
 
@@ -232,6 +242,67 @@ INVALID_CASES: list[Case] = [
         "stage",
     ),
     _run("merge-density-with-linear", "stages.5.merge.method", "linear", "stages[5].merge", "density"),
+    # hyperparameters a stage type would ignore (STAGE_HYPERPARAMETERS), TRL's typed knobs
+    Case(
+        "synthetic-preferences-max-steps-and-beta",
+        "PostTrainingRun",
+        _synthetic_preferences_with({"maxSteps": 30, "beta": 0.1}),
+        ("stages[3]", "hyperparameters.beta", "synthetic-preferences"),
+    ),
+    Case(
+        "synthetic-preferences-max-steps",
+        "PostTrainingRun",
+        _synthetic_preferences_with({"maxSteps": 30, "numGenerations": 4}),
+        ("stages[3]", "hyperparameters.maxSteps", "only sft, dpo, grpo, reward-model stages use it"),
+    ),
+    _run(
+        "beta-on-reward-model", "stages.2.hyperparameters", {"beta": 0.1}, "stages[2]", "hyperparameters.beta"
+    ),
+    _run(
+        "packing-on-dpo",
+        "stages.1.hyperparameters",
+        {"packing": True},
+        "stages[1]",
+        "hyperparameters.packing",
+    ),
+    _run(
+        "max-steps-on-eval",
+        "stages.4.hyperparameters",
+        {"maxSteps": 5},
+        "stages[4]",
+        "hyperparameters.maxSteps",
+    ),
+    _run(
+        "learning-rate-on-merge",
+        "stages.5.hyperparameters",
+        {"learningRate": 1e-3},
+        "stages[5]",
+        "hyperparameters.learningRate",
+    ),
+    _run(
+        "num-iterations-on-sft",
+        "stages.0.hyperparameters",
+        {"numIterations": 2},
+        "stages[0]",
+        "hyperparameters.numIterations",
+    ),
+    _run("loss-type-on-sft", "stages.0.hyperparameters", {"lossType": "sigmoid"}, "stages[0]", "lossType"),
+    _run("grpo-loss-type-on-dpo", "stages.1.hyperparameters", {"lossType": "dapo"}, "stages[1]", "lossType"),
+    _run("dpo-loss-type-on-grpo", "stages.3.hyperparameters", {"lossType": "ipo"}, "stages[3]", "lossType"),
+    _run("loss-type-unknown", "stages.1.hyperparameters", {"lossType": "kto"}, "hyperparameters.lossType"),
+    _run("precision-unknown", "stages.0.hyperparameters", {"precision": "fp8"}, "hyperparameters.precision"),
+    _run(
+        "attn-implementation-unknown",
+        "stages.0.hyperparameters",
+        {"attnImplementation": "flash"},
+        "hyperparameters.attnImplementation",
+    ),
+    _run(
+        "num-iterations-zero",
+        "stages.3.hyperparameters",
+        {"numIterations": 0},
+        "hyperparameters.numIterations",
+    ),
     # resources and operations
     _run("memory-not-a-quantity", "stages.0.resources.memory", "lots", "stages[0].resources", "memory"),
     _run("gpus-negative", "stages.0.resources.gpus", -1, "stages[0].resources.gpus"),

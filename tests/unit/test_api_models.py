@@ -174,7 +174,10 @@ def test_stage_maps_onto_the_contract() -> None:
         storage=run.spec.storage.to_config(),
         output=contract.OutputSpec(prefix=run.spec.storage.uri + "sft/"),
         peft=sft.peft,
-        hyperparameters=sft.hyperparameters,
+        # the run leaves unset hyperparameters out (stage types differ); the contract fills defaults
+        hyperparameters=contract.Hyperparameters.model_validate(
+            sft.hyperparameters.model_dump(exclude_none=True)
+        ),
         data=contract.StageData(
             train=[run.spec.dataset(n) for n in sft.data.train],
             eval=[run.spec.dataset(n) for n in sft.data.eval],

@@ -258,7 +258,16 @@ def test_config_defaults_and_namespaces() -> None:
 
 def test_contract_maps_stage_settings_field_for_field() -> None:
     raw = sample_run()
-    hp = {"maxSteps": 7, "learningRate": 0.001, "beta": 0.2, "batchSize": 2, "packing": True}
+    hp = {
+        "maxSteps": 7,
+        "learningRate": 0.001,
+        "warmupRatio": 0.2,
+        "batchSize": 2,
+        "packing": True,
+        "precision": "bf16",
+        "gradientCheckpointing": True,
+        "attnImplementation": "eager",
+    }
     peft = {"method": "qlora", "r": 4, "alpha": 8, "bits": 4, "targetModules": ["q_proj"]}
     raw["spec"]["stages"][0].update(hyperparameters=hp, peft=peft, checkpoint={"everySteps": 3}, seed=7)
     raw["spec"]["stages"][0]["data"].update(
@@ -269,6 +278,7 @@ def test_contract_maps_stage_settings_field_for_field() -> None:
     dumped = contract.model_dump(by_alias=True)
     for key, value in hp.items():
         assert dumped["hyperparameters"][key] == value
+    assert dumped["hyperparameters"]["beta"] == 0.1  # unset in the run: the contract's default
     for key, value in peft.items():
         assert dumped["peft"][key] == value
     assert contract.checkpoint.every_steps == 3

@@ -107,3 +107,32 @@ def test_qlora_without_gpu_fails_at_once(
     keys = storage_for(s3_server, monkeypatch).list_keys(f"s3://{s3_bucket}/runs/run/q/")
     assert "manifest.json" not in keys
     assert not any(k.startswith("checkpoints/") for k in keys)
+
+
+def test_progress_is_written_at_every_tenth_of_the_run(
+    s3_server: S3Server, s3_bucket: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress contract on SFTTrainer: a write at each 10% mark even with a long interval
+    (the demo's SFT used to show 0.0% for its whole run)."""
+    from temper.api.contract import StageProgress
+    from temper_trainer.progress import progress_uri
+    from temper_trainer.stage import StageContext
+    from temper_trainer.stages import get_stage
+
+    contract = make_contract(
+        s3_server, s3_bucket, "progress", hyperparameters={"maxSteps": 20}, progressIntervalSeconds=3600
+    )
+    storage = storage_for(s3_server, monkeypatch)
+    ctx = StageContext(contract, tmp_path / "work", storage)
+    seen: list[tuple[str, float]] = []
+    flush = ctx.progress.flush
+
+    def recording_flush() -> None:
+        flush()
+        written = StageProgress.model_validate_json(storage.get_bytes(progress_uri(contract)))
+        seen.append((written.phase, written.percent))
+
+    ctx.progress.flush = recording_flush  # type: ignore[method-assign]
+    get_stage("sft")(ctx)
+    training = [percent for phase, percent in seen if phase == "training" and percent > 0]
+    assert [p for p in training if p % 10 == 0] == [10.0 * k for k in range(1, 11)], seen

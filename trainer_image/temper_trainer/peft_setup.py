@@ -153,22 +153,6 @@ def is_adalora(model: Any) -> bool:
     return getattr(getattr(model, "peft_config", {}).get("default"), "peft_type", None) == "ADALORA"
 
 
-def trainable_state_dict(model: Any) -> dict[str, Any]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: Any, state: dict[str, Any]) -> None:
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise ValueError(f"checkpoint does not match the model: {missing[:3]}")
-    import torch
-
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def save_artifact(model: Any, out_dir: Path, *, tokenizer: Any = None) -> None:
     """PEFT layout for adapters; a complete model (weights + tokenizer) for full fine-tunes."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -120,22 +120,48 @@ class Peft(ApiMixin, contract.PeftSpec):
         return self
 
 
-class Hyperparameters(ApiMixin, contract.Hyperparameters):
-    """Optimisation settings, named as in transformers' TrainingArguments and TRL."""
+class Hyperparameters(ApiModel):
+    """Optimisation settings, named as in transformers' TrainingArguments and TRL.
+
+    Every field is optional with no schema default: which ones a stage may set depends on its type
+    (``STAGE_HYPERPARAMETERS``), and the stage contract (``temper.api.contract.Hyperparameters``)
+    supplies the defaults for the ones left out.
+    """
+
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=8)
+    packing: bool | None = None
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    beta: float | None = Field(None, gt=0)
+    num_generations: int | None = Field(None, ge=2)
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, gt=0)
+    rpo_alpha: float | None = Field(None, ge=0)
+    precision: contract.Precision | None = None
+    gradient_checkpointing: bool | None = None
+    attn_implementation: contract.AttnImplementation | None = None
+    liger: bool | None = None
+    loss_type: contract.LossType | None = None
+    num_iterations: int | None = Field(None, ge=1, le=64)
 
     field_docs: ClassVar[dict[str, str]] = {
-        "epochs": "Passes over the training data (fractions allowed). maxSteps wins if set.",
+        "epochs": "Passes over the training data (fractions allowed; default 1). maxSteps wins if set.",
         "maxSteps": "Stop after this many optimiser steps.",
-        "learningRate": "Peak learning rate.",
-        "batchSize": "Per-device batch size.",
-        "gradientAccumulationSteps": "Micro-batches per optimiser step.",
-        "maxLength": "Token limit per example; longer examples are truncated.",
-        "packing": "Pack several short examples into one sequence (sft).",
-        "warmupRatio": "Fraction of steps spent warming the learning rate up.",
-        "beta": "KL coefficient for dpo and grpo.",
-        "numGenerations": "Completions sampled per prompt (grpo, synthetic-preferences).",
-        "maxNewTokens": "Generation length limit (grpo, synthetic-preferences, eval).",
-        "temperature": "Sampling temperature for generation.",
+        "learningRate": "Peak learning rate (default 2e-4).",
+        "batchSize": "Per-device batch size (default 8); grpo: completions per step, a multiple of "
+        "numGenerations.",
+        "gradientAccumulationSteps": "Micro-batches per optimiser step (default 1).",
+        "maxLength": "Token limit per example; longer examples are truncated (default 512).",
+        "packing": "sft: padding-free batches, examples concatenated in one row (default false).",
+        "warmupRatio": "Fraction of steps spent warming the learning rate up (default 0).",
+        "beta": "KL coefficient for dpo and grpo (default 0.1).",
+        "numGenerations": "Completions sampled per prompt (grpo, synthetic-preferences; default 4).",
+        "maxNewTokens": "Generation length limit (grpo, synthetic-preferences, eval; default 16).",
+        "temperature": "Sampling temperature for generation (default 1.0).",
         "rpoAlpha": "dpo: weight of the chosen NLL added to the loss (RPO). Unset: 1.0; 0: pure DPO.",
         "precision": "Mixed precision: auto (bf16 on a CUDA GPU that supports it, else fp32), bf16, fp16 "
         "(CUDA only) or fp32.",
@@ -445,6 +471,96 @@ class Retries(ApiModel):
 
 StageType = contract.StageType
 
+_TRAINING_HYPERPARAMETERS = (
+    "epochs",
+    "maxSteps",
+    "learningRate",
+    "batchSize",
+    "gradientAccumulationSteps",
+    "maxLength",
+    "warmupRatio",
+    "precision",
+    "gradientCheckpointing",
+    "attnImplementation",
+    "liger",
+)
+# The one table of which hyperparameters each stage type reads: anything else is rejected (CEL + pydantic).
+STAGE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
+    "sft": (*_TRAINING_HYPERPARAMETERS, "packing", "maxNewTokens"),
+    "dpo": (*_TRAINING_HYPERPARAMETERS, "beta", "rpoAlpha", "lossType", "maxNewTokens"),
+    "grpo": (
+        *_TRAINING_HYPERPARAMETERS,
+        "beta",
+        "lossType",
+        "numIterations",
+        "numGenerations",
+        "maxNewTokens",
+        "temperature",
+    ),
+    "reward-model": _TRAINING_HYPERPARAMETERS,
+    "synthetic-preferences": (
+        "numGenerations",
+        "maxNewTokens",
+        "temperature",
+        "maxLength",
+        "attnImplementation",
+    ),
+    "eval": ("maxNewTokens", "attnImplementation"),
+    "merge": (),
+}
+STAGE_LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "dpo": contract.DPO_LOSS_TYPES,
+    "grpo": contract.GRPO_LOSS_TYPES,
+}
+
+
+def _stage_types_using(field: str) -> tuple[str, ...]:
+    return tuple(t for t, fields in STAGE_HYPERPARAMETERS.items() if field in fields)
+
+
+def _hyperparameter_message(field: str, stage_type: str) -> str:
+    """The same words from pydantic and from the apiserver (a CEL messageExpression)."""
+    users = ", ".join(_stage_types_using(field))
+    return f"hyperparameters.{field}: not used by {stage_type} stages (only {users} stages use it)"
+
+
+_LOSS_TYPE_MESSAGE = (
+    "hyperparameters.lossType: dpo takes "
+    + ", ".join(contract.DPO_LOSS_TYPES)
+    + "; grpo takes "
+    + ", ".join(contract.GRPO_LOSS_TYPES)
+)
+
+
+def _hyperparameter_rules() -> list[dict[str, str]]:
+    """One CEL rule per hyperparameter that some stage type ignores, from STAGE_HYPERPARAMETERS."""
+    rules = []
+    for field in Hyperparameters.model_json_schema(by_alias=True)["properties"]:
+        users = _stage_types_using(field)
+        if len(users) == len(STAGE_HYPERPARAMETERS):
+            continue
+        expr = (
+            f"!has(self.hyperparameters) || !has(self.hyperparameters.{field}) || "
+            f"self.type in {_cel_list(users)}"
+        )
+        check = rule(expr, _hyperparameter_message(field, "these"), f".hyperparameters.{field}")
+        head, tail = _hyperparameter_message(field, "\x00").split("\x00")
+        check["messageExpression"] = f"'{head}' + self.type + '{tail}'"
+        rules.append(check)
+    loss_ok = " || ".join(
+        f"(self.type == '{t}' && self.hyperparameters.lossType in {_cel_list(types)})"
+        for t, types in STAGE_LOSS_TYPES.items()
+    )
+    rules.append(
+        rule(
+            f"!has(self.hyperparameters) || !has(self.hyperparameters.lossType) || {loss_ok}",
+            _LOSS_TYPE_MESSAGE,
+            ".hyperparameters.lossType",
+        )
+    )
+    return rules
+
+
 _NEEDS_TRAIN = (
     "data.train: sft, dpo, grpo, reward-model and synthetic-preferences stages need training datasets"
 )
@@ -476,6 +592,7 @@ class Stage(ApiModel):
                 ".rewards",
             ),
             rule("(self.type == 'merge') == has(self.merge)", _MERGE_ONLY_MERGE, ".merge"),
+            *_hyperparameter_rules(),
         )
     }
 
@@ -530,7 +647,20 @@ class Stage(ApiModel):
         if (self.type == "merge") != (self.merge is not None):
             raise FieldError(_MERGE_ONLY_MERGE)
         unique_names(self.suites, "suites")
+        self._hyperparameters_used()
         return self
+
+    def _hyperparameters_used(self) -> None:
+        if self.hyperparameters is None:
+            return
+        hp = self.hyperparameters
+        allowed = STAGE_HYPERPARAMETERS[self.type]
+        for name in sorted(hp.model_fields_set):
+            alias = type(hp).model_fields[name].alias or name
+            if alias not in allowed:
+                raise FieldError(_hyperparameter_message(alias, self.type))
+        if hp.loss_type is not None and hp.loss_type not in STAGE_LOSS_TYPES.get(self.type, ()):
+            raise FieldError(f"{_LOSS_TYPE_MESSAGE} (this stage is {self.type})")
 
 
 # -- continual learning ------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def stage_contract(
         parent=parent,
         peft=c.PeftSpec.model_validate(stage.peft.model_dump()) if stage.peft else c.PeftSpec(),
         data=stage_data,
-        hyperparameters=c.Hyperparameters.model_validate(stage.hyperparameters.model_dump())
+        hyperparameters=c.Hyperparameters.model_validate(stage.hyperparameters.model_dump(exclude_none=True))
         if stage.hyperparameters
         else c.Hyperparameters(),
         rewards=rewards,

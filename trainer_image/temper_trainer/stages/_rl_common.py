@@ -1,7 +1,8 @@
 """Shared pieces of the preference and RL stages (dpo, grpo, reward-model, synthetic-preferences).
 
-These stages run lean loops instead of TRL's trainers: on CPU with a tiny model the trainers'
-setup dominates, and a hand loop gives exact control over checkpoint/resume and progress.
+Training runs on TRL's trainers (``_trl_common``); what is here is temper's own: rendering
+prompts the way the sft stage does, the log-prob and sampling helpers of temper's evaluation
+metrics and of synthetic-preference generation, and loading/publishing the policy.
 
 Tokenization follows the sft stage so a parent adapter sees the prompts it was trained on:
 prompt-completion style prompts are ``<bos> + prompt``, chat prompts are the rendered template.
@@ -10,13 +11,8 @@ A response is its tokens followed by ``<eos>``; log-probabilities cover the resp
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
-
-from temper.api.contract import Hyperparameters
 
 from temper_trainer.data import Record, prompt_and_target, record_format
 from temper_trainer.stage import InvalidInput, Preempted, StageContext, StageOutcome
@@ -196,88 +192,10 @@ def decode_response(tokenizer: Any, response: Sequence[int]) -> str:
     return str(tokenizer.decode(list(response), skip_special_tokens=True))
 
 
-# -- optimisation, checkpoint and resume -----------------------------------------------------
-def total_steps(hp: Hyperparameters, n_items: int, items_per_step: int) -> int:
-    if hp.max_steps is not None:
-        return hp.max_steps
-    return max(1, math.ceil(hp.epochs * n_items / max(1, items_per_step)))
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of optimizer step ``step`` (0-based): one seeded permutation per epoch.
-
-    A pure function of (step, seed), so a resumed run sees the very batches it would have.
-    """
-    batch_size = min(batch_size, n)
-    per_epoch = max(1, n // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order[offset * batch_size : (offset + 1) * batch_size]
-
-
-def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in trainable_parameters(model)}
-
-
-def load_trainable_state(model: Any, state: dict[str, torch.Tensor]) -> None:
-    import torch
-
-    params = dict(trainable_parameters(model))
-    if set(params) != set(state):
-        raise InvalidInput("checkpoint does not match this stage's trainable parameters (peft changed?)")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
-@contextmanager
-def reference_weights(model: Any, reference: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily swap the trainable parameters for their starting values (the reference policy).
-
-    The reference is the policy the stage started from (base, or base + parent adapter); only the
-    trainable tensors differ from it, so keeping those is all a reference model costs.
-    """
-    import torch
-
-    params = dict(trainable_parameters(model))
-    saved = {}
-    with torch.no_grad():
-        for name, value in reference.items():
-            saved[name] = params[name].detach().clone()
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
-def make_optimizer(model: Any, hp: Hyperparameters) -> torch.optim.Optimizer:
-    import torch
-
-    params = [p for _, p in trainable_parameters(model)]
-    if not params:
-        raise InvalidInput("peft: the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, hp: Hyperparameters, step: int, total: int) -> None:
-    """Linear warmup over ``warmupRatio`` of the steps, then constant."""
-    warmup = int(hp.warmup_ratio * total)
-    scale = (step + 1) / warmup if warmup and step < warmup else 1.0
-    for group in optimizer.param_groups:
-        group["lr"] = hp.learning_rate * scale
-
-
+# -- checkpoints (synthetic-preferences' own loop) ---------------------------------------------
 def checkpoint_or_stop(ctx: StageContext, step: int, make_state: Callable[[], dict[str, Any]]) -> None:
-    """After optimizer step ``step`` (1-based count of finished steps): save when due; on SIGTERM
-    save and raise :class:`Preempted` so the runner exits with the documented code."""
+    """After unit ``step`` (1-based count of finished units): save when due; on SIGTERM save and
+    raise :class:`Preempted` so the runner exits with the documented code."""
     if ctx.stop_requested:
         ctx.checkpointer.save(step, make_state())
         raise Preempted(f"stopped by SIGTERM after step {step}; checkpoint saved")
@@ -285,35 +203,7 @@ def checkpoint_or_stop(ctx: StageContext, step: int, make_state: Callable[[], di
         ctx.checkpointer.save(step, make_state())
 
 
-def training_state(model: Any, optimizer: Any, **extra: Any) -> dict[str, Any]:
-    """A checkpoint of an RL stage: trainable weights, optimizer and RNG, plus the stage's own values."""
-    return {
-        "trainable": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-        **extra,
-    }
-
-
-def restore_training(model: Any, optimizer: Any, saved: dict[str, Any]) -> None:
-    """Undo :func:`training_state` (the stage reads its own values from ``saved``)."""
-    load_trainable_state(model, saved["trainable"])
-    optimizer.load_state_dict(saved["optimizer"])
-    restore_rng(saved["rng"])
-
-
-def rng_state() -> dict[str, Any]:
-    import torch
-
-    return {"torch": torch.get_rng_state()}
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-
-
+# -- policy ------------------------------------------------------------------------------
 def policy_method(ctx: StageContext) -> str:
     """The artifact's method: the parent adapter's (which training continues), else ``peft.method``."""
     from temper_trainer.peft_setup import adapter_method
@@ -354,11 +244,3 @@ def load_policy(ctx: StageContext, total: int) -> tuple[Any, Any]:
         model = ctx.apply_peft(model, total_steps=total)
     model.train()
     return model, tokenizer
-
-
-def after_optimizer_step(model: Any, step: int) -> None:
-    """AdaLoRA reallocates its ranks on a schedule driven by the optimizer step."""
-    from temper_trainer.peft_setup import is_adalora
-
-    if is_adalora(model):
-        model.base_model.update_and_allocate(step)

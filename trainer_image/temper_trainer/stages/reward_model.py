@@ -97,6 +97,7 @@ def build_model(ctx: StageContext, tokenizer: Any) -> Any:
         model = peft.prepare_model_for_kbit_training(model)  # type: ignore[no-untyped-call]
     else:
         model = load_sequence_classifier(folder, tokenizer).to(ctx.device)
+    ctx.set_attention(model)
     if spec.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
