@@ -174,3 +174,24 @@ def test_strategy_and_nodes_travel_in_the_contract_and_world_size_counts_process
     sent = StageContract.from_env(env["TEMPER_STAGE_CONTRACT"]["value"])
     assert (sent.resources.nodes, sent.resources.gpus_per_node, sent.resources.strategy) == (2, 4, "fsdp")
     assert env["WORLD_SIZE"]["value"] == "8"
+
+
+def test_auto_sees_the_loaded_model_and_fsdp_leaves_it_on_the_cpu_for_accelerate_to_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of fp32 weights
+    lora = contract()
+    monkeypatch.setattr(distributed, "_MODEL_BYTES", [])
+    distributed.note_model(model, lora)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 5_000_000)  # 4 MB > 60% of 5 MB
+    assert distributed.stage_strategy(lora) == "fsdp"
+    assert distributed.placement(lora, "cuda:0") == "cpu"
+    assert distributed.placement(contract(peft={"method": "qlora"}), "cuda:0") == "cuda:0"
+    monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 80_000_000)
+    assert distributed.placement(lora, "cuda:0") == "cuda:0"

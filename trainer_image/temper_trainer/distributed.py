@@ -225,17 +225,36 @@ def resolve_strategy(
     return "ddp"
 
 
+_MODEL_BYTES: list[int] = []  # the loaded base model's size in bf16-equivalent bytes
+
+
+def note_model(model: Any, contract: StageContract) -> None:
+    """Remember the loaded base model's size, for ``auto``'s does-it-fit-one-device rule."""
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    if contract.peft.method == "qlora":  # already quantized: back to 16-bit-equivalent bytes
+        stored = stored * 16 // (contract.peft.bits or 4)
+    _MODEL_BYTES[:] = [stored]
+
+
 def stage_strategy(contract: StageContract, model_dir: Path | str | None = None) -> Resolved:
-    """This worker's strategy, from torchrun's environment and the base model's size on disk."""
+    """This worker's strategy, from torchrun's environment and the base model's size."""
     import torch
 
     return resolve_strategy(
         contract,
         processes=world_size(),
         on_gpu=torch.cuda.is_available(),
-        model_bytes=weights_bytes(model_dir),
+        model_bytes=weights_bytes(model_dir) or (_MODEL_BYTES[0] if _MODEL_BYTES else None),
         device_bytes=device_memory_bytes(),
     )
+
+
+def placement(contract: StageContract, device: Any) -> Any:
+    """Where the stage puts the model before training: the CPU under FSDP (accelerate shards it
+    onto the GPUs, so a model larger than one GPU never lands whole on one), else ``device``."""
+    if contract.peft.method == "qlora":  # bitsandbytes placed the quantized weights on the GPU
+        return device
+    return "cpu" if stage_strategy(contract) == "fsdp" else device
 
 
 def fsdp_config(model: Any = None, *, gradient_checkpointing: bool = False) -> dict[str, Any]:
