@@ -149,6 +149,8 @@ class Hyperparameters(_Strict):
     liger: bool = False  # Liger kernels (needs liger-kernel and a CUDA GPU)
     loss_type: LossType | None = Field(None, alias="lossType")  # dpo / grpo
     num_iterations: int = Field(1, alias="numIterations", ge=1, le=64)  # grpo: updates per generation
+    # Gradient clipping (TRL's max_grad_norm); 0 disables it.
+    max_grad_norm: float = Field(1.0, alias="maxGradNorm", ge=0)
 
 
 class RewardSpec(_Strict):

@@ -147,6 +147,7 @@ class Hyperparameters(ApiModel):
     liger: bool | None = None
     loss_type: contract.LossType | None = None
     num_iterations: int | None = Field(None, ge=1, le=64)
+    max_grad_norm: float | None = Field(None, ge=0)
 
     field_docs: ClassVar[dict[str, str]] = {
         "epochs": "Passes over the training data (fractions allowed; default 1). maxSteps wins if set.",
@@ -171,6 +172,7 @@ class Hyperparameters(ApiModel):
         "liger": "Liger Triton kernels for the model's layers (needs liger-kernel and a CUDA GPU).",
         "lossType": "dpo: TRL's DPO loss (sigmoid, ipo, hinge, ...; default sigmoid). grpo: TRL's GRPO loss "
         "(grpo, dapo, dr_grpo, bnpo, ...; default dapo).",
+        "maxGradNorm": "Gradient clipping norm (TRL's max_grad_norm; default 1.0); 0 disables clipping.",
         "numIterations": "grpo: policy updates per batch of generations (TRL's num_iterations, PPO-style "
         "clipping when > 1).",
     }
@@ -483,6 +485,7 @@ _TRAINING_HYPERPARAMETERS = (
     "gradientCheckpointing",
     "attnImplementation",
     "liger",
+    "maxGradNorm",
 )
 # The one table of which hyperparameters each stage type reads: anything else is rejected (CEL + pydantic).
 STAGE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {

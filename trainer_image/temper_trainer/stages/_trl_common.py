@@ -108,7 +108,7 @@ def trainer_args(
         "lr_scheduler_type": scheduler,
         "warmup_steps": int(hp.warmup_ratio * steps),
         "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
+        "max_grad_norm": hp.max_grad_norm,
         "seed": ctx.seed,
         "data_seed": ctx.seed,
         "logging_steps": max(1, math.ceil(steps / LOG_POINTS)),

@@ -10,8 +10,8 @@ is recorded in the lineage.
 
 The policy starts from the parent adapter (``from``) or a fresh adapter on the base model; the
 reference is that starting policy (TRL keeps a frozen ``ref`` copy of the adapter, dropped before
-publishing). Prompts are rendered as the sft stage renders them (``<bos>`` + prompt), so a parent
-adapter sees the prompts it was trained on.
+publishing); its log-probs are computed once before training. Prompts are rendered as the sft
+stage renders them (``<bos>`` + prompt), so a parent adapter sees the prompts it was trained on.
 
 Metrics: ``eval/preference_accuracy`` (share of held-out pairs whose chosen response has the
 higher policy log-prob; ``train/...`` when no eval data is given) and its ``_before`` value
@@ -144,6 +144,10 @@ def run(ctx: StageContext) -> StageOutcome:
         **losses,
         beta=hp.beta,
         max_length=hp.max_length,
+        # reference log-probs once, up front (no reference forward per step); recomputed on resume
+        # from the same starting policy, so a resumed run sees the same values
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=EVAL_BATCH,
         remove_unused_columns=False,
     )
     trainer_cls = ordered(DPOTrainer, contract.data.curriculum.order_by != "none")
