@@ -101,6 +101,20 @@ build_go_install() { # name module version
   GOBIN=$BIN go install -trimpath "$2@$3"
 }
 
+# nss_wrapper (Debian's libnss-wrapper) lets the exec node give its pods cluster DNS names
+# without root: extracted into the cache from the .deb, so nothing system-wide changes.
+install_nss_wrapper() {
+  local dest=$CACHE_ROOT/nss-wrapper
+  compgen -G "/usr/lib/*/libnss_wrapper.so" >/dev/null && return 0
+  compgen -G "$dest/usr/lib/*/libnss_wrapper.so" >/dev/null && return 0
+  log "fetching libnss-wrapper"
+  mkdir -p "$dest/deb" && cd "$dest/deb"
+  apt-get download libnss-wrapper >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get download libnss-wrapper >/dev/null; }
+  dpkg-deb -x libnss-wrapper_*.deb "$dest"
+  cd - >/dev/null
+}
+
+install_nss_wrapper
 build_etcd
 build_kubernetes
 build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"

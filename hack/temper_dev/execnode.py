@@ -15,6 +15,10 @@ lifecycle hooks and resourceFieldRef env. Not enforced locally (documented, not 
 securityContext user/group IDs and capabilities (PodSecurity admission still checks the spec),
 resource limits, probes (the container counts as ready once started) and images.
 
+Pod DNS: a pod with ``hostname`` + ``subdomain`` (an Indexed Job's pod under its headless
+Service) resolves as ``<hostname>.<subdomain>[.<ns>.svc.cluster.local]`` to 127.0.0.1 for every
+pod here, as cluster DNS would, through nss_wrapper (``PodDns``; hack/build-tools.sh fetches it).
+
 The pure functions (env resolution, path rewriting, status building, validation) are unit
 tested in ``tests/unit/test_execnode_*.py``.
 """
@@ -347,6 +351,91 @@ def container_env(
     return env
 
 
+# --- pod DNS: the names cluster DNS gives this node's pods ---------------------------------------
+# Every pod here is a local process at 127.0.0.1, so a pod with ``hostname`` + ``subdomain`` (an
+# Indexed Job's pods under their headless Service) resolves to loopback, under the short name
+# (what resolv.conf's search domains complete) and every longer form. Processes see the names
+# through nss_wrapper (Debian's libnss-wrapper): LD_PRELOAD + NSS_WRAPPER_HOSTS, no root needed.
+
+CLUSTER_DOMAIN = "cluster.local"
+NSS_WRAPPER_ENV = "TEMPER_NSS_WRAPPER"  # path of libnss_wrapper.so, when not in a default place
+
+
+def pod_dns_names(pod: Pod) -> list[str]:
+    """``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]`` for a pod with both fields."""
+    spec, namespace = pod.get("spec") or {}, (pod.get("metadata") or {}).get("namespace", "default")
+    host, sub = spec.get("hostname"), spec.get("subdomain")
+    if not host or not sub:
+        return []
+    base = f"{host}.{sub}"
+    return [
+        base,
+        f"{base}.{namespace}",
+        f"{base}.{namespace}.svc",
+        f"{base}.{namespace}.svc.{CLUSTER_DOMAIN}",
+    ]
+
+
+def hosts_file_text(names: Mapping[str, list[str]]) -> str:
+    """An /etc/hosts-format file mapping every name to IPv4 and IPv6 loopback (c10d asks for both)."""
+    lines = []
+    for pod_names in names.values():
+        if pod_names:
+            lines += [f"{POD_IP} {' '.join(pod_names)}", f"::1 {' '.join(pod_names)}"]
+    return "\n".join(lines) + "\n"
+
+
+def nss_wrapper_library() -> Path | None:
+    explicit = os.environ.get(NSS_WRAPPER_ENV)
+    if explicit:
+        return Path(explicit) if Path(explicit).is_file() else None
+    roots = [Path("/usr/lib"), Path.home() / ".cache" / "temper" / "nss-wrapper"]
+    for root in roots:
+        found = sorted(root.glob("**/libnss_wrapper.so*")) if root.is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+class PodDns:
+    """The node's hosts file for pod DNS names, rewritten atomically as pods come and go."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "dns" / "hosts"
+        self.library = nss_wrapper_library()
+        self.names: dict[str, list[str]] = {}
+        self.lock = threading.Lock()
+
+    def add(self, pod: Pod) -> None:
+        names = pod_dns_names(pod)
+        if not names:
+            return
+        if self.library is None:
+            raise PodSpecError(
+                "spec.subdomain: pod DNS names on the exec node need libnss-wrapper (hack/build-tools.sh "
+                f"installs it; or set {NSS_WRAPPER_ENV})"
+            )
+        with self.lock:
+            self.names[pod["metadata"]["uid"]] = names
+            self._write()
+
+    def remove(self, uid: str) -> None:
+        with self.lock:
+            if self.names.pop(uid, None) is not None:
+                self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(hosts_file_text(self.names))
+        tmp.replace(self.path)
+
+    def env(self) -> dict[str, str]:
+        if self.library is None or not self.path.exists():
+            return {}
+        return {"LD_PRELOAD": str(self.library), "NSS_WRAPPER_HOSTS": str(self.path)}
+
+
 # --- the agent ------------------------------------------------------------------------------
 
 
@@ -430,6 +519,7 @@ class PodRunner:
         start_time = now_rfc3339()
         try:
             validate_pod(self.pod, self.agent.runtime)
+            self.agent.dns.add(self.pod)
         except PodSpecError as err:
             self._fail(UNSUPPORTED_REASON, str(err), start_time)
             return
@@ -599,6 +689,7 @@ class PodRunner:
         termination_file.write_text("")
         resolved = {k: rewrite_paths(v, mounts) for k, v in env.items()}
         full_env = container_env(self.agent.base_env, resolved, self.scratch, termination_file)
+        full_env.update(self.agent.dns.env())
         argv = [
             rewrite_paths(expand_vars(arg, resolved), mounts)
             for arg in list(container.get("command") or []) + list(container.get("args") or [])
@@ -904,6 +995,7 @@ class ExecNodeAgent:
         self.finished: set[str] = set()
         self.lock = threading.Lock()
         self.base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "USER")}
+        self.dns = PodDns(state_dir)
 
     # API helpers
     def lookup_for(self, namespace: str) -> Lookup:
@@ -1040,6 +1132,7 @@ class ExecNodeAgent:
         with self.lock:
             self.runners.pop(uid, None)
             self.finished.add(uid)
+        self.dns.remove(uid)
 
     # node
     def register(self) -> None:

@@ -209,7 +209,7 @@ def test_multi_node_stage_is_an_indexed_job_with_headless_service(
     assert {p.spec.subdomain for p in pods} == {job.metadata.name}
     env = {e.name: e.value for e in pods[0].spec.containers[0].env if e.value}
     assert env["MASTER_ADDR"] == f"{job.metadata.name}-0.{job.metadata.name}"
-    assert env["WORLD_SIZE"] == "2"
+    assert env["WORLD_SIZE"] == "16"  # 2 nodes x 8 GPUs, one process each
 
 
 # Kueue admission, quota, preemption and suspend run against the real Kueue in

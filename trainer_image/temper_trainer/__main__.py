@@ -1,5 +1,8 @@
 """``python -m temper_trainer run`` — run the stage in ``$TEMPER_STAGE_CONTRACT``.
 
+It launches one worker per GPU on every node (``temper_trainer.launch``, torchrun's agent) or,
+with one process in all, runs the stage in-process.
+
 Exit codes (``temper.api.contract``): 0 ok; 1 retryable; 10 invalid contract; 11 invalid input;
 12 unsupported; 143 preempted (SIGTERM, checkpoint written). The result (``StageResult`` JSON,
 ≤ 4 KiB) goes to ``$TEMPER_TERMINATION_LOG`` (default ``/dev/termination-log``).
@@ -51,7 +54,11 @@ def termination_message(result: StageResult) -> str:
     error = redact(result.error)[:1500] if result.error else None
     while True:
         body = StageResult(
-            manifest_uri=result.manifest_uri, sha256=result.sha256, metrics=metrics, error=error
+            manifest_uri=result.manifest_uri,
+            sha256=result.sha256,
+            metrics=metrics,
+            error=error,
+            topology=result.topology,
         ).model_dump_json(by_alias=True, exclude_none=True)
         if len(body.encode()) <= TERMINATION_LIMIT - 96 or not metrics:
             return body
@@ -118,97 +125,135 @@ def manifest_fields(contract: StageContract, outcome: Any) -> dict[str, Any]:
 
 
 def run_stage(raw: str | None, workdir: Path | None = None) -> int:
-    """Everything ``run`` does; returns the exit code."""
+    """Everything ``run`` does in one process; returns the exit code.
+
+    A torchrun worker (``temper_trainer.launch``) leaves its result for the launcher in
+    ``$TEMPER_RANK_RESULTS``; a lone process writes the termination message itself.
+    """
+    from temper_trainer import distributed
+    from temper_trainer.launch import RANK_RESULTS_ENV, write_rank_result
+
+    code, result = _execute(raw, workdir)
+    results_dir = os.environ.get(RANK_RESULTS_ENV)
+    if results_dir and distributed.is_worker():
+        write_rank_result(Path(results_dir), distributed.rank(), code, result)
+    else:
+        write_termination(result)
+    return code
+
+
+def _failure(message: str, topology: Any = None) -> StageResult:
+    message = redact(message)
+    log.error("%s", message)
+    return StageResult(error=message, topology=topology)
+
+
+def _execute(raw: str | None, workdir: Path | None) -> tuple[int, StageResult]:
     from temper.storage import Storage, StorageError
 
-    from temper_trainer.models import inherit_parent_revision
-    from temper_trainer.stage import StageContext, StageError
-    from temper_trainer.stages import get_stage
+    from temper_trainer import distributed
+    from temper_trainer.stage import StageError
 
     if not raw:
-        write_termination(StageResult(error=f"{CONTRACT_ENV} is not set"))
-        return EXIT_INVALID_CONTRACT
+        return EXIT_INVALID_CONTRACT, StageResult(error=f"{CONTRACT_ENV} is not set")
     try:
         contract = StageContract.from_env(raw)
     except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError
-        message = _contract_error(exc)
-        log.error("%s", message)
-        write_termination(StageResult(error=message))
-        return EXIT_INVALID_CONTRACT
-
-    ctx: StageContext | None = None
+        return EXIT_INVALID_CONTRACT, _failure(_contract_error(exc))
+    topology = distributed.topology(contract)
     try:
-        storage = Storage(contract.storage)
-        metrics = None
-        if contract.metrics_port:
-            from temper_trainer.metrics import TrainerMetrics
-
-            metrics = TrainerMetrics()
-            metrics.serve(contract.metrics_port)
-        scratch = workdir or Path(
-            os.environ.get("TEMPER_WORKDIR") or tempfile.mkdtemp(prefix="temper-stage-")
-        )
-        ctx = StageContext(contract, scratch, storage, metrics=metrics)
-        ctx.install_signal_handlers()
-        log.info(
-            "stage %s (%s) attempt %d of %s/%s",
-            contract.stage.name,
-            contract.stage.type,
-            contract.stage.attempt,
-            contract.run.namespace,
-            contract.run.name,
-        )
-        ctx.set_phase("starting")
-        from temper.storage import S3Uri
-
-        existing = str(S3Uri.parse(contract.output.prefix).join("manifest.json"))
-        if storage.exists(existing):  # an earlier attempt published and died before exiting
-            verified = storage.verify_manifest(existing)
-            if verified.ok and verified.manifest is not None and verified.manifest_sha256:
-                log.info("output already published and verified: %s", existing)
-                write_termination(
-                    StageResult(
-                        manifest_uri=existing,
-                        sha256=verified.manifest_sha256,
-                        metrics=verified.manifest.metrics,
-                    )
-                )
-                ctx.set_phase("done")
-                return EXIT_OK
-        inherit_parent_revision(contract, storage)  # the parent's base commit, not main's newest
-        stage_fn = get_stage(contract.stage.type)
-        outcome = stage_fn(ctx)
-        ctx.set_phase("publishing")
-        published = storage.publish_atomic(
-            outcome.artifact_dir,
-            contract.output.prefix,
-            contract.stage.attempt,
-            manifest_fields(contract, outcome),
-        )
-        metrics_out = outcome.metrics
-        if not published.won:
-            log.info("another attempt published first; its manifest verified")
-            metrics_out = storage.read_manifest(published.manifest_uri)[0].metrics
-        write_termination(
-            StageResult(manifest_uri=published.manifest_uri, sha256=published.sha256, metrics=metrics_out)
-        )
-        ctx.set_phase("done")
-        log.info("published %s", published.manifest_uri)
-        return EXIT_OK
+        return _run_contract(contract, Storage(contract.storage), workdir, topology)
     except StageError as exc:
-        message = redact(f"{type(exc).__name__}: {exc}")
-        log.error("%s", message)
-        write_termination(StageResult(error=message))
-        return exc.exit_code
+        return exc.exit_code, _failure(f"{type(exc).__name__}: {exc}", topology)
     except StorageError as exc:
-        message = redact(f"storage: {exc}")
-        log.error("%s", message)
-        write_termination(StageResult(error=message))
-        return EXIT_RETRYABLE
+        return EXIT_RETRYABLE, _failure(f"storage: {exc}", topology)
     except Exception as exc:
         log.error("%s", redact(traceback.format_exc()))
-        write_termination(StageResult(error=redact(f"{type(exc).__name__}: {exc}")))
-        return EXIT_RETRYABLE
+        return EXIT_RETRYABLE, _failure(f"{type(exc).__name__}: {exc}", topology)
+
+
+def _scratch(workdir: Path | None) -> Path:
+    from temper_trainer import distributed
+
+    if workdir is None and os.environ.get("TEMPER_WORKDIR"):
+        workdir = Path(os.environ["TEMPER_WORKDIR"])
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="temper-stage-"))
+    # Ranks of one pod share TEMPER_WORKDIR: each gets its own folder under it.
+    return workdir / f"rank-{distributed.local_rank()}" if distributed.is_worker() else workdir
+
+
+def _run_contract(
+    contract: StageContract, storage: Any, workdir: Path | None, topology: Any
+) -> tuple[int, StageResult]:
+    from temper.storage import S3Uri
+
+    from temper_trainer import distributed
+    from temper_trainer.models import inherit_parent_revision
+    from temper_trainer.progress import ProgressReporter
+    from temper_trainer.stage import StageContext
+    from temper_trainer.stages import get_stage
+
+    main = distributed.is_main_process()
+    metrics = None
+    if contract.metrics_port and distributed.local_rank() == 0:  # one metrics port per pod
+        from temper_trainer.metrics import TrainerMetrics
+
+        metrics = TrainerMetrics()
+        metrics.serve(contract.metrics_port)
+    ctx = StageContext(
+        contract,
+        _scratch(workdir),
+        storage,
+        device=distributed.device(),
+        progress=ProgressReporter(contract, storage if main else None),  # rank 0 reports for all
+        metrics=metrics,
+    )
+    ctx.install_signal_handlers()
+    log.info(
+        "stage %s (%s) attempt %d of %s/%s, rank %d of %d",
+        contract.stage.name,
+        contract.stage.type,
+        contract.stage.attempt,
+        contract.run.namespace,
+        contract.run.name,
+        distributed.rank(),
+        topology.world_size,
+    )
+    ctx.set_phase("starting")
+    existing = str(S3Uri.parse(contract.output.prefix).join("manifest.json"))
+    if storage.exists(existing):  # an earlier attempt published and died before exiting
+        verified = storage.verify_manifest(existing)
+        if verified.ok and verified.manifest is not None and verified.manifest_sha256:
+            log.info("output already published and verified: %s", existing)
+            ctx.set_phase("done")
+            return EXIT_OK, StageResult(
+                manifest_uri=existing,
+                sha256=verified.manifest_sha256,
+                metrics=verified.manifest.metrics,
+                topology=topology,
+            )
+    inherit_parent_revision(contract, storage)  # the parent's base commit, not main's newest
+    outcome = get_stage(contract.stage.type)(ctx)
+    outcome.metrics.update(distributed.run_metrics())  # e.g. whether DDP replicas stayed identical
+    if not main:  # exactly one rank publishes
+        return EXIT_OK, StageResult(metrics=outcome.metrics, topology=topology)
+    ctx.set_phase("publishing")
+    published = storage.publish_atomic(
+        outcome.artifact_dir,
+        contract.output.prefix,
+        contract.stage.attempt,
+        manifest_fields(contract, outcome),
+    )
+    metrics_out = outcome.metrics
+    if not published.won:
+        log.info("another attempt published first; its manifest verified")
+        metrics_out = storage.read_manifest(published.manifest_uri)[0].metrics
+    ctx.set_phase("done")
+    log.info("published %s", published.manifest_uri)
+    return EXIT_OK, StageResult(
+        manifest_uri=published.manifest_uri, sha256=published.sha256, metrics=metrics_out, topology=topology
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, help="build into this folder instead of the cache")
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_stage(os.environ.get(CONTRACT_ENV))
+        from temper_trainer import distributed
+        from temper_trainer.launch import launch
+
+        raw = os.environ.get(CONTRACT_ENV)
+        return run_stage(raw) if distributed.is_worker() else launch(raw)
     from temper_trainer.tinymodel import build_tiny_model, ensure_tiny_model
 
     if args.out:

@@ -39,8 +39,11 @@ def check_supported(spec: PeftSpec, device_type: str) -> None:
             raise Unsupported("peft.bits must be 4 or 8 for qlora")
 
 
-def quantization_config(spec: PeftSpec) -> Any:
-    """The BitsAndBytesConfig a QLoRA base model must be loaded with (None otherwise)."""
+def quantization_config(spec: PeftSpec, *, quant_storage: Any = None) -> Any:
+    """The BitsAndBytesConfig a QLoRA base model must be loaded with (None otherwise).
+
+    ``quant_storage``: the dtype 4-bit weights are packed in; FSDP needs the compute dtype
+    (``temper_trainer.distributed.quant_storage_dtype``)."""
     if spec.method != "qlora":
         return None
     import torch
@@ -53,6 +56,7 @@ def quantization_config(spec: PeftSpec) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 

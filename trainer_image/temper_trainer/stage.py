@@ -160,6 +160,7 @@ class StageContext:
         return self._tokenizer
 
     def load_base_model(self, *, dtype: Any = None) -> tuple[Any, Any]:
+        from temper_trainer.distributed import note_model, placement, quant_storage_dtype
         from temper_trainer.models import load_model
         from temper_trainer.peft_setup import check_supported, quantization_config
 
@@ -169,14 +170,17 @@ class StageContext:
                 self.contract.base_model,
                 self.storage,
                 dtype=dtype,
-                quantization=quantization_config(self.contract.peft),
+                quantization=quantization_config(
+                    self.contract.peft, quant_storage=quant_storage_dtype(self.contract)
+                ),
             )
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"baseModel {self.contract.base_model!r}: {exc}") from exc
         self._tokenizer = tokenizer
         self.set_attention(model)
+        note_model(model, self.contract)
         if self.contract.peft.method != "qlora":  # bitsandbytes places quantized weights itself
-            model = model.to(self.device)
+            model = model.to(placement(self.contract, self.device))
         return model, tokenizer
 
     def set_attention(self, model: Any) -> None:
@@ -214,17 +218,20 @@ class StageContext:
 
         if self.contract.parent is None:
             return model
+        from temper_trainer.distributed import placement
+
         return load_adapter(model, self.fetch_adapter(self.contract.parent), trainable=trainable).to(
-            self.device
+            placement(self.contract, self.device)
         )
 
     def apply_peft(self, model: Any, *, total_steps: int | None = None) -> Any:
         """Wrap per ``contract.peft``; AdaLoRA's rank schedule needs ``total_steps``."""
+        from temper_trainer.distributed import placement
         from temper_trainer.peft_setup import apply_peft
 
         return apply_peft(
             model, self.contract.peft, device=self.device, tokenizer=self._tokenizer, total_steps=total_steps
-        ).to(self.device)
+        ).to(placement(self.contract, self.device))
 
     def save_model(self, model: Any, tokenizer: Any = None) -> Path:
         from temper_trainer.peft_setup import save_artifact

@@ -189,6 +189,27 @@ class CheckpointPolicy(_Strict):
     keep: int = Field(2, ge=1)
 
 
+Strategy = Literal["auto", "ddp", "fsdp"]
+
+
+class ResourcesSpec(_Strict):
+    """Compute the stage was given: the launcher starts one process per GPU (one on CPU) per node."""
+
+    gpus_per_node: int = Field(0, alias="gpusPerNode", ge=0)
+    nodes: int = Field(1, ge=1)
+    strategy: Strategy = "auto"  # auto: DDP for adapters, FSDP for full or a model too big for one device
+
+
+class Topology(_Strict):
+    """What the attempt actually ran on, reported back in ``StageResult`` and the run's status."""
+
+    world_size: int = Field(1, alias="worldSize", ge=1)
+    nodes: int = Field(1, ge=1)
+    procs_per_node: int = Field(1, alias="procsPerNode", ge=1)
+    gpus_per_node: int = Field(0, alias="gpusPerNode", ge=0)
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+
+
 class RunRef(_Strict):
     namespace: str
     name: str
@@ -223,6 +244,7 @@ class StageContract(_Strict):
     merge: MergeSpec | None = None
     merge_sources: list[AdapterRef] = Field([], alias="mergeSources")
     checkpoint: CheckpointPolicy = CheckpointPolicy()
+    resources: ResourcesSpec = ResourcesSpec()
     seed: int = 42
     progress_interval_seconds: int = Field(10, alias="progressIntervalSeconds", ge=1)
     metrics_port: int | None = Field(None, alias="metricsPort", ge=1, le=65535)
@@ -258,6 +280,7 @@ class StageResult(_Strict):
     sha256: str | None = None  # of manifest.json
     metrics: dict[str, float] = {}
     error: str | None = None
+    topology: Topology | None = None
 
 
 FileEntry = dict[str, Any]

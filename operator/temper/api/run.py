@@ -414,11 +414,30 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = doc("How long a NoExecute taint is tolerated.", default=None)
 
 
+_FSDP_NEEDS_GPUS = "strategy: fsdp shards the model over GPUs; set gpus, or use ddp or auto on CPU"
+
+
 class StageResources(ApiModel):
     """Compute for one stage; Kueue admits the stage's Job against the run's queue with these."""
 
+    model_config = {
+        "json_schema_extra": cel(
+            rule(
+                "!has(self.strategy) || self.strategy != 'fsdp' || (has(self.gpus) && self.gpus > 0)",
+                _FSDP_NEEDS_GPUS,
+                ".strategy",
+            )
+        )
+    }
+
     gpus: int = doc("GPUs per node (nvidia.com/gpu). 0 trains on CPU.", default=0, ge=0, le=16)
     nodes: int = doc("Nodes (pods) for distributed training.", default=1, ge=1, le=64)
+    strategy: contract.Strategy = doc(
+        "How the processes (one per GPU, one per CPU pod) share the model: ddp replicates it, fsdp shards "
+        "it (GPUs only). auto picks ddp for adapters and fsdp for full fine-tunes or a model that does not "
+        "fit one device.",
+        default="auto",
+    )
     cpu: Quantity | None = doc("CPU request and limit per pod, e.g. 4 or 500m.", default=None)
     memory: Quantity | None = doc("Memory request and limit per pod, e.g. 64Gi.", default=None)
     node_selector: dict[str, str] = doc("Node labels the pods must match.", default_factory=dict)
@@ -442,6 +461,8 @@ class StageResources(ApiModel):
             value = getattr(self, name)
             if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
                 raise FieldError(f"{name}: {value!r} is not a Kubernetes quantity")
+        if self.strategy == "fsdp" and not self.gpus:
+            raise FieldError(_FSDP_NEEDS_GPUS)
         return self
 
 
@@ -1022,6 +1043,16 @@ StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "
 RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Waiting"]
 
 
+class StageTopology(ApiModel):
+    """The processes a stage attempt ran: one per GPU (one per CPU pod) on each node."""
+
+    world_size: int = doc("Training processes in all.", default=1, ge=1)
+    nodes: int = doc("Nodes (pods).", default=1, ge=1)
+    procs_per_node: int = doc("Processes per node.", default=1, ge=1)
+    gpus_per_node: int = doc("GPUs per node (0 on CPU).", default=0, ge=0)
+    strategy: Literal["single", "ddp", "fsdp"] = doc("single, ddp or fsdp.", default="single")
+
+
 class StageStatus(ApiModel):
     """Observed state of one stage (of the current cycle)."""
 
@@ -1041,6 +1072,7 @@ class StageStatus(ApiModel):
     message: str | None = doc(
         "Why the stage is in its state (never credentials).", default=None, max_length=4096
     )
+    topology: StageTopology | None = doc("What the latest finished attempt ran on.", default=None)
 
 
 class Progress(ApiModel):

@@ -124,6 +124,9 @@ def stage_contract(
         checkpoint=c.CheckpointPolicy.model_validate(stage.checkpoint.model_dump())
         if stage.checkpoint
         else c.CheckpointPolicy(),
+        resources=c.ResourcesSpec(gpus_per_node=res.gpus, nodes=res.nodes, strategy=res.strategy)
+        if (res := stage.resources)
+        else c.ResourcesSpec(),
         seed=stage.seed,
         progress_interval_seconds=config.trainer_progress_interval_seconds,
         metrics_port=config.trainer_metrics_port,

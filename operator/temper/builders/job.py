@@ -96,8 +96,30 @@ def _resources(stage: Stage, run: PostTrainingRun, config: OperatorConfig) -> di
     return out
 
 
+def _rendezvous_env(job: str, nodes: int, gpus: int, config: OperatorConfig) -> list[dict[str, Any]]:
+    """torchrun's static rendezvous: pod 0's DNS name under the headless Service, node rank = index."""
+    return [
+        {"name": "MASTER_ADDR", "value": f"{job}-0.{service_name(job)}"},
+        {"name": "MASTER_PORT", "value": str(config.master_port)},
+        {"name": "WORLD_SIZE", "value": str(nodes * max(1, gpus))},  # one process per GPU, one on CPU
+        {"name": "NNODES", "value": str(nodes)},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+    ]
+
+
 def _env(
-    run: PostTrainingRun, contract: StageContract, job: str, nodes: int, config: OperatorConfig
+    run: PostTrainingRun,
+    contract: StageContract,
+    job: str,
+    nodes: int,
+    config: OperatorConfig,
+    *,
+    run_gpus: int = 0,
 ) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": CONTRACT_ENV, "value": contract.to_env()},
@@ -116,18 +138,7 @@ def _env(
             for key in OPTIONAL_SECRET_KEYS
         ]
     if nodes > 1:
-        env += [
-            {"name": "MASTER_ADDR", "value": f"{job}-0.{service_name(job)}"},
-            {"name": "MASTER_PORT", "value": str(config.master_port)},
-            {"name": "WORLD_SIZE", "value": str(nodes)},
-            {"name": "NNODES", "value": str(nodes)},
-            {
-                "name": "NODE_RANK",
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
-                },
-            },
-        ]
+        env += _rendezvous_env(job, nodes, run_gpus, config)
     env += _failpoint_env(run, config)
     env += source_env(run, config)
     trainer = run.spec.trainer
@@ -272,7 +283,7 @@ def build_job(
         "image": image,
         "imagePullPolicy": pull,
         "command": ["python", "-m", "temper_trainer", "run"],
-        "env": _env(run, contract, name, nodes, config),
+        "env": _env(run, contract, name, nodes, config, run_gpus=res.gpus if res is not None else 0),
         "ports": [{"name": "metrics", "containerPort": config.trainer_metrics_port}],
         # The trainer writes its StageResult there; a container that dies before (a wrong image,
         # an import error) still says why through its log tail.

@@ -152,15 +152,14 @@ def _int(raw: str | None, default: int) -> int:
 
 
 def _from_pods(pods: list[dict[str, Any]]) -> tuple[StageResult | None, int, int | None]:
-    """The trainer's StageResult (rank 0's termination message), disruptions and the last exit code."""
-    result: StageResult | None = None
+    """The trainer's StageResult, disruptions and the exit code that decides a retry.
+
+    A published result (rank 0's) wins; else the first pod to fail is the root cause: the other
+    pods of a multi-node attempt fail after it, when their peer vanishes mid-collective.
+    """
+    found: list[tuple[str, int, int | None, StageResult | None]] = []  # finishedAt, index, exit, result
     disruptions = 0
-    exit_code: int | None = None
-    ordered = sorted(
-        pods,
-        key=lambda p: (p.get("metadata", {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION, "0"),
-    )
-    for pod in ordered:
+    for pod in pods:
         status = pod.get("status") or {}
         if any(
             c.get("type") == "DisruptionTarget" and c.get("status") == "True"
@@ -168,23 +167,34 @@ def _from_pods(pods: list[dict[str, Any]]) -> tuple[StageResult | None, int, int
         ):
             disruptions += 1
             continue
+        index = _int((pod.get("metadata", {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION), 0)
         for cs in status.get("containerStatuses") or []:
-            if cs.get("name") != TRAINER_CONTAINER:
-                continue
             term = (cs.get("state") or {}).get("terminated")
-            if not term:
+            if cs.get("name") != TRAINER_CONTAINER or not term:
                 continue
-            exit_code = term.get("exitCode")
-            raw = term.get("message")
-            if raw and result is None:
-                try:
-                    result = StageResult.model_validate(json.loads(raw))
-                except ValueError:
-                    # Not the trainer's result: the container died before writing it (a wrong
-                    # image, a crash at import); the kubelet's log tail says why.
-                    if exit_code:
-                        result = StageResult(error=" | ".join(raw.strip().splitlines()[-3:])[-MESSAGE_LIMIT:])
-    return result, disruptions, exit_code
+            found.append((str(term.get("finishedAt") or ""), index, term.get("exitCode"), _result(term)))
+    published = sorted((f for f in found if f[3] is not None and f[3].manifest_uri), key=lambda f: f[1])
+    if published:
+        return published[0][3], disruptions, published[0][2]
+    pool = sorted([f for f in found if f[2] not in (0, None)] or found, key=lambda f: (f[0], f[1]))
+    if not pool:
+        return None, disruptions, None
+    result = next((f[3] for f in pool if f[3] is not None), None)
+    return result, disruptions, pool[0][2]
+
+
+def _result(term: dict[str, Any]) -> StageResult | None:
+    """The trainer's StageResult from a termination message, or the log tail of a container that
+    died before writing one (a wrong image, a crash at import)."""
+    raw = term.get("message")
+    if not raw:
+        return None
+    try:
+        return StageResult.model_validate(json.loads(raw))
+    except ValueError:
+        if term.get("exitCode"):
+            return StageResult(error=" | ".join(raw.strip().splitlines()[-3:])[-MESSAGE_LIMIT:])
+        return None
 
 
 def _stuck_waiting(pods: list[dict[str, Any]]) -> tuple[str, str]:

@@ -102,6 +102,7 @@ class _StageView:
     message: str | None = None
     output: AdapterRef | None = None
     cause: str | None = None  # why the stage failed, as a condition reason, when it is plain
+    topology: dict[str, Any] | None = None  # what the latest finished attempt ran on
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.stage.name, "state": self.state, "attempts": self.attempts}
@@ -116,6 +117,8 @@ class _StageView:
             if value is not None:
                 out[key] = value
         out["metrics"] = dict(self.metrics)
+        if self.topology:
+            out["topology"] = dict(self.topology)
         return out
 
 
@@ -407,8 +410,10 @@ def _plan_stage(
     ctx: _Ctx, stage: Stage, jobs: list[ObservedJob], prev: dict[str, Any], outputs: dict[str, AdapterRef]
 ) -> _StageResult:
     """One stage of the chain, by the state of its latest attempt's Job."""
-    view = _StageView(stage, metrics=dict(prev.get("metrics") or {}))
+    view = _StageView(stage, metrics=dict(prev.get("metrics") or {}), topology=prev.get("topology"))
     result = _StageResult(view)
+    if jobs and jobs[-1].result is not None and jobs[-1].result.topology is not None:
+        view.topology = jobs[-1].result.topology.model_dump(by_alias=True)
     if not jobs:
         result.next_attempt = 1
     else:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from temper.api.contract import Hyperparameters
 
+from temper_trainer import distributed
 from temper_trainer.callbacks import STAGE_STATE, AdaLoraCallback, TemperCallback, train_loss
 from temper_trainer.peft_setup import is_adalora
 from temper_trainer.stage import Preempted, StageContext, Unsupported
@@ -44,6 +45,9 @@ class Resume:
 
 def find_resume(ctx: StageContext) -> Resume:
     checkpoint = ctx.checkpointer.latest()
+    step = checkpoint.step if checkpoint is not None else None
+    if distributed.broadcast_object(step) != step:  # every rank must resume from rank 0's choice
+        raise RuntimeError(f"rank {distributed.rank()} found checkpoint step {step}, rank 0 another")
     if checkpoint is None:
         return Resume()
     marker = checkpoint.dir / STAGE_STATE
@@ -52,9 +56,10 @@ def find_resume(ctx: StageContext) -> Resume:
 
 
 def total_steps(hp: Hyperparameters, n_items: int, items_per_step: int) -> int:
+    """Optimizer steps; ``items_per_step`` is per process: every DDP/FSDP rank takes its own share."""
     if hp.max_steps is not None:
         return hp.max_steps
-    return max(1, math.ceil(hp.epochs * n_items / max(1, items_per_step)))
+    return max(1, math.ceil(hp.epochs * n_items / max(1, items_per_step * distributed.world_size())))
 
 
 def precision_flags(hp: Hyperparameters, device: torch.device) -> dict[str, bool]:
@@ -117,6 +122,8 @@ def trainer_args(
         "gradient_checkpointing": hp.gradient_checkpointing,
         "use_liger_kernel": hp.liger,
         **precision_flags(hp, ctx.device),
+        # DDP/FSDP over torchrun's workers (last: FSDP replaces gradient_checkpointing with its own)
+        **distributed.trainer_kwargs(ctx.contract, gradient_checkpointing=hp.gradient_checkpointing),
     }
 
 
@@ -161,6 +168,7 @@ def fit(
     if is_adalora(trainer.model):
         trainer.add_callback(AdaLoraCallback())
     trainer.train(resume_from_checkpoint=str(resume.folder) if resume.folder else None)
+    distributed.check_replicas(trainer.model)
     if callback.preempted_at is not None:
         raise Preempted(
             f"SIGTERM at step {callback.preempted_at}/{trainer.state.max_steps}; checkpoint saved"
