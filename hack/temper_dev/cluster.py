@@ -202,6 +202,7 @@ def kwok_node_manifest(index: int) -> dict[str, Any]:
     capacity = {
         "cpu": "96",
         "memory": "1024Gi",
+        "ephemeral-storage": "10Ti",  # trainer pods request it (the chart's trainer.resources)
         "pods": "110",
         GPU_RESOURCE: str(KWOK_GPUS_PER_NODE),
     }

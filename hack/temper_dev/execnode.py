@@ -31,6 +31,7 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1140,7 +1141,14 @@ class ExecNodeAgent:
 
         cpu = str(os.cpu_count() or 1)
         memory = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 1024}Ki"
-        capacity = {"cpu": cpu, "memory": memory, "pods": "110", GPU_RESOURCE: str(EXEC_GPUS)}
+        disk = f"{shutil.disk_usage(self.state_dir).free // 1024}Ki"  # as a kubelet reports its disk
+        capacity = {
+            "cpu": cpu,
+            "memory": memory,
+            "ephemeral-storage": disk,
+            "pods": "110",
+            GPU_RESOURCE: str(EXEC_GPUS),
+        }
         body = {
             "apiVersion": "v1",
             "kind": "Node",

@@ -41,6 +41,7 @@ def admission_policy(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
     yield
     cluster.kubectl("delete", "--ignore-not-found", "-f", str(path))
+    _wait_lifted(client.CustomObjectsApi(cluster.api_client()))
 
 
 def _run(namespace: str, spec: dict[str, Any], notes: dict[str, str] | None, name: str) -> dict[str, Any]:
@@ -65,6 +66,17 @@ def _wait_enforced(api: client.CustomObjectsApi, namespace: str) -> None:
     deadline = time.monotonic() + 30
     while _create(api, namespace, "posttrainingruns", bad) is None:
         assert time.monotonic() < deadline, "the ValidatingAdmissionPolicy never took effect"
+        time.sleep(0.5)
+
+
+def _wait_lifted(api: client.CustomObjectsApi) -> None:
+    # Deleting a policy takes effect asynchronously too: later modules must not meet it.
+    probe = _run("default", _in_namespace(CASES[0][0], "default"), None, "probe")
+    deadline = time.monotonic() + 30
+    while (
+        refusal := _create(api, "default", "posttrainingruns", probe)
+    ) and "ValidatingAdmissionPolicy" in refusal:
+        assert time.monotonic() < deadline, "the deleted ValidatingAdmissionPolicy is still enforced"
         time.sleep(0.5)
 
 

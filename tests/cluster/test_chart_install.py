@@ -48,7 +48,6 @@ NEVER_ALLOWED: list[tuple[str, str, str]] = [
     ("batch", "jobs", "get"),
     ("", "events", "patch"),
     ("batch", "jobs", "update"),
-    ("batch", "jobs", "delete"),
     ("", "services", "delete"),
     ("batch", "cronjobs", "create"),
     ("apps", "deployments", "create"),
