@@ -75,6 +75,7 @@ def test_verified_adapter_status_carries_catalog_facts() -> None:
         "parent": "r1-base-g2",
         "datasets": ["tickets@e1"],
         "trainerVersion": "0.1",
+        "baseModel": "builtin://tiny",  # with baseModelRevision too, for an hf:// base
     }
     assert status["evals"] == {"eval/loss": 0.5}
     assert status["servable"] == {"vllm": False}  # prefix tuning is not servable on vLLM
