@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -87,8 +88,14 @@ def connection_info() -> kopf.ConnectionInfo:
     Also kopf's login handler (``temper.handlers``), so kopf and temper share one identity."""
     settings = kopf.OperatorSettings()
     info = None
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+    if host and not os.environ.get("KUBECONFIG"):
         info = kopf.login_with_service_account(settings=settings)
+        if info is not None:
+            # As client-go's InClusterConfig: the kubelet's env, not kubernetes.default.svc, which
+            # needs cluster DNS (absent for hostNetwork pods with a custom dnsPolicy, or here).
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            info = dataclasses.replace(info, server=f"https://{f'[{host}]' if ':' in host else host}:{port}")
     info = info or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.LoginError("no service account token and no KUBECONFIG")
