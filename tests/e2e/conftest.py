@@ -15,6 +15,8 @@ from temper_dev.cluster import Cluster
 from temper_dev.incluster import HelmOperator, build_images
 from temper_dev.s3server import S3Server
 
+from tests.fixtures.operator import install_crds
+
 # The intervals of tests/fixtures/operator.py, so in-cluster tests are as quick.
 FAST_ENV = {
     "TEMPER_LEASE_RENEW_SECONDS": "1",
@@ -33,6 +35,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield hermetic
     finally:
         hermetic.down()
+
+
+@pytest.fixture(scope="session")
+def temper_crds(cluster: Cluster) -> None:
+    """The CRDs in this directory's cluster. The root fixture of the same name is session-scoped
+    too, and after the cluster tests it would still answer for the process-mode cluster."""
+    install_crds(cluster)
 
 
 @pytest.fixture
