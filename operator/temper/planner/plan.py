@@ -32,6 +32,7 @@ from temper.planner.observed import (
     ObservedJob,
     format_time,
     kueue_wait_message,
+    parse_time,
     stage_reason,
 )
 from temper.policy import run_violations
@@ -419,7 +420,10 @@ def _plan_stage(
     else:
         latest = jobs[-1]
         view.job, view.attempts = latest.name, latest.attempt
-        view.start = min((j.created for j in jobs if j.created), default=None)
+        # The time recorded when temper created the first attempt wins over the Job's own
+        # creationTimestamp, so the pass that first sees the Job writes nothing new.
+        first = min((j.created for j in jobs if j.created), default=None)
+        view.start = parse_time(prev.get("startTime")) or first
         if latest.outcome is None or latest.deleting:
             _active_attempt(ctx, stage, latest, outputs, result, prev)
         elif latest.outcome == "Complete":
