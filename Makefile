@@ -28,7 +28,12 @@ host:
 images: host
 	bash hack/build-images.sh
 
-setup: tools venv olah images
+# The Go builds are CPU-bound and the Python side mostly waits on downloads and disk, so a cold
+# setup runs them side by side; warm, every step is a cache check.
+setup:
+	@$(MAKE) --no-print-directory tools & tools=$$!; \
+	$(MAKE) --no-print-directory venv olah images || { kill $$tools; exit 1; }; \
+	wait $$tools
 
 crds: venv
 	$(PY) -m temper.api.crdgen

@@ -193,6 +193,38 @@ class Rss:
             time.sleep(0.1)
 
 
+class CpuShare:
+    """CPU seconds per component over a phase: the bench's own processes (apiserver, etcd,
+    controller-manager, scheduler, kwok, the operator, this client) and everything else on the
+    machine. It answers whose CPU a phase's rate was bounded by."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> dict[str, float]:
+        out: Counter[str] = Counter()
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                name = "bench client" if proc.pid == me.pid else proc.name()
+                if name.startswith("python"):
+                    argv = proc.cmdline()[1:3]
+                    name = {"temper": "operator", "moto.server": "s3 (moto)"}.get(argv[-1], " ".join(argv))
+                out[name] += times.user + times.system
+        total = psutil.cpu_times()
+        out["machine"] = total.user + total.nice + total.system
+        return dict(out)
+
+    def seconds(self) -> dict[str, float]:
+        end = self._sample()
+        spent = {k: round(v - self.start.get(k, 0.0), 1) for k, v in end.items()}
+        ours = sum(v for k, v in spent.items() if k != "machine")
+        spent["everything else"] = round(spent.pop("machine") - ours, 1)
+        return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+
+
 def apply_all(
     names: list[str], create: Callable[[str], None], threads: int, rate: float | None = None
 ) -> tuple[dict[str, float], float]:
@@ -282,20 +314,31 @@ def main() -> None:
     parser.add_argument("--paced-runs", type=int, default=0, help="default: runs / 2")
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--brownout-seconds", type=float, default=60.0)
+    parser.add_argument("--brownout-runs", type=int, default=0, help="default: runs")
     parser.add_argument("--create-threads", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="temper-bench-") as tmp:
         cluster = Cluster(state_dir=Path(tmp) / "cluster")
         cluster.up(timeout=180)
         s3 = S3Server(outages=True).start()
+        out: dict[str, Any] = {}
         try:
-            print(json.dumps(bench(cluster, s3, Path(tmp), args), indent=2))
+            bench(cluster, s3, Path(tmp), args, out)
+        except Exception as exc:
+            # The phases done so far still count; the operator's log says why the rest did not.
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            for log in Path(tmp).glob("operator-*.log"):
+                kept = Path(tempfile.gettempdir()) / f"temper-bench-{log.name}"
+                kept.write_bytes(log.read_bytes())
+                out["operator_log"] = str(kept)
+            raise
         finally:
+            print(json.dumps(out, indent=2))
             s3.stop()
             cluster.down()
 
 
-def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace, out: dict[str, Any]) -> None:
     install_crds(cluster)
     api_client = cluster.api_client()
     api_client.configuration.connection_pool_maxsize = args.create_threads + 2
@@ -304,7 +347,7 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
     s3.client().create_bucket(Bucket="bench")
     apiserver = Apiserver(cluster)
     n, threads = args.runs, args.create_threads
-    out: dict[str, Any] = {"runs": n, "cpu_cores": psutil.cpu_count(), "create_threads": threads}
+    out.update({"runs": n, "cpu_cores": psutil.cpu_count(), "create_threads": threads})
     out["rss_split_mb"] = rss_split(cluster)
 
     # 1. baseline: temper's Jobs, created by this client directly.
@@ -313,12 +356,13 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
     config = OperatorConfig.from_env({})
     jobs = {f"run-{i:05d}": temper_job(f"run-{i:05d}", base_ns, config) for i in range(n)}
     seen = JobWatch(cluster, base_ns)
-    before = apiserver.counts()
+    before, cpu = apiserver.counts(), CpuShare()
     applied, start = apply_all(
         list(jobs), lambda name: batch.create_namespaced_job(base_ns, jobs[name]), threads
     )
     seen.wait(n, max(300.0, n * 0.5))
     baseline = burst_stats(applied, seen.first, start)
+    baseline["cpu_seconds"] = cpu.seconds()
     time.sleep(5.0)
     baseline["apiserver_requests_per_run"] = round(sum((apiserver.counts() - before).values()) / n, 2)
     seen.stop()
@@ -357,9 +401,11 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
 
     seen = JobWatch(cluster, "bench")
     ops_before, api_before = prom(op.metrics(), "temper_api_requests_total"), apiserver.counts()
+    cpu = CpuShare()
     applied, start = apply_all([f"run-{i:05d}" for i in range(n)], create_run("bench"), threads)
     seen.wait(n, max(300.0, n * 0.5))
     burst = burst_stats(applied, seen.first, start)
+    burst["cpu_seconds"] = cpu.seconds()
     seen.stop()
     burst["efficiency"] = round(burst["per_second"] / baseline["per_second"], 3)
     burst["p99_over_baseline_drain"] = round(burst["p99_s"] / baseline["drain_s"], 3)
@@ -391,7 +437,7 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
 
     # 3. steady state
     window = args.steady_seconds
-    text0, api0 = op.metrics(), apiserver.counts()
+    text0, api0, cpu = op.metrics(), apiserver.counts(), CpuShare()
     time.sleep(window)
     text1, api1 = op.metrics(), apiserver.counts()
     ops0, ops1 = prom(text0, "temper_api_requests_total"), prom(text1, "temper_api_requests_total")
@@ -413,6 +459,7 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
         ),
         "rss_mb": round(rss.now() / 2**20, 1),
         "load_average_1m": round(psutil.getloadavg()[0], 2),
+        "cpu_seconds": cpu.seconds(),
     }
 
     # 4. paced at half the baseline's rate
@@ -432,8 +479,11 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
     s3.outage("blackhole")
     timer = threading.Timer(args.brownout_seconds, s3.restore)
     timer.start()
-    applied, start = apply_all([f"brown-{i:05d}" for i in range(n)], create_run("bench-brownout"), threads)
-    seen.wait(n, max(300.0, n * 0.5))
+    brown_n = args.brownout_runs or n
+    applied, start = apply_all(
+        [f"brown-{i:05d}" for i in range(brown_n)], create_run("bench-brownout"), threads
+    )
+    seen.wait(brown_n, max(300.0, brown_n * 0.5))
     brownout = burst_stats(applied, seen.first, start)
     seen.stop()
     brownout["efficiency"] = round(brownout["per_second"] / baseline["per_second"], 3)
@@ -443,10 +493,9 @@ def bench(cluster: Cluster, s3: S3Server, tmp: Path, args: argparse.Namespace) -
     out["brownout"] = brownout
     out["peak_rss_mb"] = round(rss.peak / 2**20, 1)
     out["final_rss_mb"] = round(rss.now() / 2**20, 1)
-    out["total_runs_at_end"] = 2 * n + paced_n
+    out["total_runs_at_end"] = n + paced_n + brown_n
     rss.running = False
     op.stop()
-    return out
 
 
 if __name__ == "__main__":
