@@ -293,6 +293,7 @@ def test_install_creates_every_object_and_least_privilege_rbac(
         status = json.loads(release.helm("status", release.name, "-o", "json"))
         assert status["info"]["status"] == "deployed"
         assert "cluster-wide" in status["info"]["notes"]
+        assert f"Served namespaces (Secrets and alias ConfigMaps): {namespace}." in status["info"]["notes"]
 
         # Every object of the release exists in the cluster.
         manifest = release.manifest()
