@@ -111,6 +111,8 @@ class OperatorConfig:
     # Workers (and threads) for everything that talks to S3: progress, verification, continual
     # cycles, merges, retention. Separate from ``workers``, so S3 never holds up Job creation.
     storage_workers: int = 4
+    # A Ready Adapter is re-verified (one GET and a HEAD per file) this often; 0: never.
+    adapter_reverify_seconds: float = 3600.0
     # Hub endpoint (an internal mirror) passed to trainer pods as HF_ENDPOINT; None: the public Hub.
     hf_endpoint: str | None = None
     # Default model-cache volume for runs whose spec.trainer.modelCache is absent.
@@ -170,6 +172,7 @@ class OperatorConfig:
             identity=env.get("TEMPER_IDENTITY", "") or env.get("HOSTNAME", "") or f"temper-{os.getpid()}",
             workers=_int(env, "TEMPER_WORKERS", 8, 1),
             storage_workers=_int(env, "TEMPER_STORAGE_WORKERS", 4, 1),
+            adapter_reverify_seconds=_float(env, "TEMPER_ADAPTER_REVERIFY_SECONDS", 3600.0, 0.0),
             hf_endpoint=_hf_endpoint(env),
             model_cache=_model_cache(env),
             model_cache_path=_abs_path(env, "TEMPER_MODEL_CACHE_PATH", DEFAULT_MODEL_CACHE_PATH),

@@ -47,6 +47,11 @@ RESERVED_ENV_NAMES = (
 )
 
 
+def dot_segments(uri: str) -> bool:
+    """A "." or ".." path segment: some stores and proxies resolve it, escaping the prefix check."""
+    return any(part in (".", "..") for part in uri.removeprefix("s3://").split("/")[1:])
+
+
 class PlatformPolicy(BaseModel):
     """The chart's ``policy`` values, as the operator reads them from ``TEMPER_POLICY``."""
 
@@ -76,6 +81,8 @@ class PlatformPolicy(BaseModel):
         return cls.model_validate(json.loads(raw)) if raw.strip() else cls()
 
     def storage_allowed(self, uri: str, namespace: str) -> bool:
+        if dot_segments(uri):
+            return False
         if not self.allowed_storage:
             return True
         return any(uri.startswith(p.replace(NAMESPACE_PLACEHOLDER, namespace)) for p in self.allowed_storage)
@@ -155,14 +162,56 @@ def _resource_violations(spec: PostTrainingRunSpec, policy: PlatformPolicy) -> I
         yield f"spec.stages: {total} GPUs in all exceed the platform maxGpusPerRun {policy.max_gpus_per_run}"
 
 
-def _storage_violations(spec: PostTrainingRunSpec, namespace: str, policy: PlatformPolicy) -> Iterable[str]:
-    if not policy.endpoint_allowed(spec.storage.endpoint_url):
-        yield f"spec.storage.endpointUrl: {spec.storage.endpoint_url!r} is not an allowed storage endpoint"
+def _run_locations(spec: PostTrainingRunSpec) -> list[tuple[str, str]]:
+    """Every s3:// location a run makes the operator or its pods read or write, by field."""
     located = [("spec.storage.uri", spec.storage.uri), ("spec.baseModel.uri", spec.base_model.uri)]
     located += [(f"spec.datasets[name={d.name}].uri", d.uri) for d in spec.datasets]
-    for where, uri in located:
-        if uri.startswith("s3://") and not policy.storage_allowed(uri, namespace):
-            yield f"{where}: {uri!r} is outside the storage this namespace may use"
+    continual = spec.continual
+    if continual and continual.new_data and continual.new_data.prefix:
+        located.append(("spec.continual.newData.prefix", continual.new_data.prefix))
+    if continual and continual.new_data and continual.new_data.uri_template:
+        located.append(("spec.continual.newData.uriTemplate", continual.new_data.uri_template))
+    if continual and continual.replay and continual.replay.buffer:
+        located.append(("spec.continual.replay.buffer.uri", continual.replay.buffer.uri))
+    return [(where, uri) for where, uri in located if uri.startswith("s3://")]
+
+
+def location_violations(
+    located: Iterable[tuple[str, str]],
+    namespace: str,
+    policy: PlatformPolicy,
+    *,
+    credentials: bool,
+    credentials_field: str,
+) -> list[str]:
+    """The storage authority rule: every location is one the namespace may use, and the
+    operator's own (ambient) identity serves only locations the platform listed for it."""
+    located = list(located)
+    found = [
+        f"{where}: {uri!r} is outside the storage this namespace may use"
+        for where, uri in located
+        if not policy.storage_allowed(uri, namespace)
+    ]
+    if located and not credentials and not policy.allowed_storage:
+        found.append(
+            f"{credentials_field}: no Secret names this namespace's storage credentials, and the operator's "
+            "own identity serves only the locations in the platform's policy.allowedStorage"
+        )
+    return found
+
+
+def _storage_violations(
+    spec: PostTrainingRunSpec, namespace: str, policy: PlatformPolicy, credentials: bool
+) -> Iterable[str]:
+    if not policy.endpoint_allowed(spec.storage.endpoint_url):
+        yield f"spec.storage.endpointUrl: {spec.storage.endpoint_url!r} is not an allowed storage endpoint"
+    yield from location_violations(
+        _run_locations(spec),
+        namespace,
+        policy,
+        credentials=credentials,
+        credentials_field="spec.storage.secretRef",
+    )
 
 
 def run_violations(
@@ -170,13 +219,19 @@ def run_violations(
     namespace: str,
     annotations: Mapping[str, str] | None,
     policy: PlatformPolicy,
+    *,
+    credentials: bool = True,
 ) -> list[str]:
-    """Every rule of ``policy`` the run breaks, each message starting with the field's path."""
+    """Every rule of ``policy`` the run breaks, each message starting with the field's path.
+
+    ``credentials``: the run's S3 calls use a Secret of its namespace (its secretRef or the
+    chart's credentialsSecret), not the operator's ambient identity.
+    """
     found = [
         *_image_violations(spec, policy),
         *_env_violations(spec, policy),
         *_resource_violations(spec, policy),
-        *_storage_violations(spec, namespace, policy),
+        *_storage_violations(spec, namespace, policy, credentials),
     ]
     pc = spec.priority_class_name
     if pc and pc not in policy.allowed_priority_classes:
@@ -188,7 +243,9 @@ def run_violations(
     return found
 
 
-def adapter_violations(spec: AdapterSpec, namespace: str, policy: PlatformPolicy) -> list[str]:
+def adapter_violations(
+    spec: AdapterSpec, namespace: str, policy: PlatformPolicy, *, credentials: bool = True
+) -> list[str]:
     """The same storage rules for an Adapter's artifact (a hand-registered or merged adapter)."""
     artifact = spec.artifact
     found = []
@@ -196,8 +253,40 @@ def adapter_violations(spec: AdapterSpec, namespace: str, policy: PlatformPolicy
         found.append(
             f"spec.artifact.endpointUrl: {artifact.endpoint_url!r} is not an allowed storage endpoint"
         )
-    if not policy.storage_allowed(artifact.uri, namespace):
-        found.append(f"spec.artifact.uri: {artifact.uri!r} is outside the storage this namespace may use")
+    found += location_violations(
+        [("spec.artifact.uri", artifact.uri)],
+        namespace,
+        policy,
+        credentials=credentials,
+        credentials_field="spec.artifact.secretRef",
+    )
+    return found
+
+
+def raw_adapter_violations(
+    adapter: Mapping[str, Any], policy: PlatformPolicy | None, default_secret: str | None
+) -> list[str]:
+    """The operator's re-check of a cached Adapter: its artifact and its s3:// base model (a
+    merge Job reads it) are locations of the Adapter's namespace."""
+    if policy is None:
+        return []
+    namespace = str((adapter.get("metadata") or {}).get("namespace", ""))
+    spec = adapter.get("spec") or {}
+    artifact = spec.get("artifact") or {}
+    found = []
+    endpoint = artifact.get("endpointUrl")
+    if not policy.endpoint_allowed(endpoint):
+        found.append(f"spec.artifact.endpointUrl: {endpoint!r} is not an allowed storage endpoint")
+    located = [("spec.artifact.uri", str(artifact.get("uri") or ""))]
+    located.append(("spec.baseModel.uri", str((spec.get("baseModel") or {}).get("uri") or "")))
+    credentials = bool((artifact.get("secretRef") or {}).get("name") or default_secret)
+    found += location_violations(
+        [(where, uri) for where, uri in located if uri.startswith("s3://")],
+        namespace,
+        policy,
+        credentials=credentials,
+        credentials_field="spec.artifact.secretRef",
+    )
     return found
 
 

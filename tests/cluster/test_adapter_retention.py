@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from temper.api.contract import StorageConfig
-from temper.continual.lifecycle import delete_artifact
+from temper.continual.lifecycle import RetentionRefused, delete_artifact
 from temper.storage import Storage
 from temper_dev.s3server import S3Server
 
@@ -44,7 +44,7 @@ def test_retire_delete_removes_the_listed_objects_and_only_those(
         storage.put_bytes(uri, b"keep me")
     before = set(storage.list_keys(f"s3://{s3_bucket}/"))
 
-    result = delete_artifact(storage, published.manifest_uri)
+    result = delete_artifact(storage, published.manifest_uri, "bot", published.sha256)
 
     after = set(storage.list_keys(f"s3://{s3_bucket}/"))
     removed = {f"s3://{s3_bucket}/{k}" for k in before - after}
@@ -58,7 +58,7 @@ def test_retire_delete_removes_the_listed_objects_and_only_those(
     for uri in survivors:
         assert storage.exists(uri), uri
     # Idempotent: a second pass (a retried finalizer) finds nothing left and deletes nothing.
-    again = delete_artifact(storage, published.manifest_uri)
+    again = delete_artifact(storage, published.manifest_uri, "bot", published.sha256)
     assert again.already_gone
     assert again.deleted == []
     assert set(storage.list_keys(f"s3://{s3_bucket}/")) == after
@@ -79,3 +79,33 @@ def test_corrupted_object_fails_verification_naming_the_file(
     assert not result.ok
     assert len(result.problems) == 1
     assert result.problems[0].startswith("attempts/1/adapter_model.safetensors: sha256 mismatch")
+
+
+def _objects(storage: Storage, bucket: str) -> dict[str, str]:
+    listing = storage.client.list_objects_v2(Bucket=bucket).get("Contents") or []
+    return {o["Key"]: o["ETag"] for o in listing}
+
+
+def test_stolen_adapter_cannot_delete_another_namespaces_artifact(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Issue 17's reproduction: tenant-b's Adapter ``stolen`` names temper-demo's quickstart
+    manifest with onRetire: delete; retiring it must delete nothing."""
+    storage = _storage(s3_server)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\3" * 512)
+    lineage = {"run": {"namespace": "temper-demo", "name": "quickstart", "uid": "u1"}, "stage": "sft"}
+    fields = {**MANIFEST_FIELDS, "lineage": lineage}
+    published = storage.publish_atomic(tmp_path, f"s3://{s3_bucket}/runs/quickstart/g1/sft/", 1, fields)
+    before = _objects(storage, s3_bucket)
+    # Even with the victim's exact manifest digest (it verified in tenant-b with a shared key).
+    with pytest.raises(RetentionRefused, match="published for namespace 'temper-demo', not 'tenant-b'"):
+        delete_artifact(storage, published.manifest_uri, "tenant-b", published.sha256)
+    assert _objects(storage, s3_bucket) == before
+    # A hand-made manifest (no temper lineage) this Adapter never verified: refused too.
+    hand = storage.publish_atomic(tmp_path, f"s3://{s3_bucket}/hand/", 1, MANIFEST_FIELDS)
+    before = _objects(storage, s3_bucket)
+    with pytest.raises(RetentionRefused, match="never verified these bytes"):
+        delete_artifact(storage, hand.manifest_uri, "tenant-b", None)
+    assert _objects(storage, s3_bucket) == before
+    # The owner's own retention still works.
+    assert delete_artifact(storage, published.manifest_uri, "temper-demo", None).deleted

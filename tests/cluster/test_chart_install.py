@@ -25,7 +25,7 @@ from kubernetes import client, config
 from temper_dev.cluster import Cluster
 
 from tests.unit.test_chart_helm import CHART, helm_binary, run_helm
-from tests.unit.test_chart_render import OPERATOR_NAMESPACED_PERMISSIONS
+from tests.unit.test_chart_render import OPERATOR_NAMESPACED_PERMISSIONS, TENANT_PERMISSIONS
 
 pytestmark = pytest.mark.cluster
 
@@ -237,6 +237,22 @@ def operator_permissions() -> list[tuple[str, str, str]]:
     return [(g, r, v) for (g, r), verbs in OPERATOR_NAMESPACED_PERMISSIONS.items() for v in sorted(verbs)]
 
 
+# What a cluster-wide operator may never do outside the namespaces it serves (kube-system's
+# Secrets, aws-auth-style ConfigMaps): the tenant role's grants.
+TENANT_ONLY: list[tuple[str, str, str]] = [
+    ("", "secrets", "get"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "update"),
+]
+assert {(r, v) for _, r, v in TENANT_ONLY} <= {
+    (r, v) for (_, r), vs in TENANT_PERMISSIONS.items() for v in vs
+}
+
+
+def cluster_wide_permissions() -> list[tuple[str, str, str]]:
+    return [p for p in operator_permissions() if p not in TENANT_ONLY]
+
+
 def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
     kubectl_bin = helm_binary().parent / "kubectl"
     proc = subprocess.run(
@@ -273,10 +289,11 @@ def test_install_creates_every_object_and_least_privilege_rbac(
     core.patch_namespace(
         namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
     )
-    with chart_release(kubeconfig, namespace) as release:
+    with chart_release(kubeconfig, namespace, values={"rbac": {"servedNamespaces": [namespace]}}) as release:
         status = json.loads(release.helm("status", release.name, "-o", "json"))
         assert status["info"]["status"] == "deployed"
         assert "cluster-wide" in status["info"]["notes"]
+        assert f"Served namespaces (Secrets and alias ConfigMaps): {namespace}." in status["info"]["notes"]
 
         # Every object of the release exists in the cluster.
         manifest = release.manifest()
@@ -307,11 +324,21 @@ def test_install_creates_every_object_and_least_privilege_rbac(
             }
             assert conditions.get("Established") == "True", crd
 
-        # Cluster-wide mode: what the operator needs, in any namespace; nothing more.
+        # Cluster-wide mode: what the operator needs, in any namespace; Secrets and ConfigMap
+        # writes only where it serves; nothing more.
         wait_allowed(api, release, ("batch", "jobs", "create"), other_namespace)
-        for ns in (other_namespace, namespace):
-            expect(api, release, operator_permissions(), ns, allow=True)
+        expect(api, release, operator_permissions(), namespace, allow=True)
+        for ns in (other_namespace, "kube-system", "default"):
+            expect(api, release, cluster_wide_permissions(), ns, allow=True)
+            expect(api, release, TENANT_ONLY, ns, allow=False)
+        for ns in (other_namespace, namespace, "kube-system"):
             expect(api, release, NEVER_ALLOWED, ns, allow=False)
+        # A namespace labelled temper.dev/served=true is served from the next install or upgrade.
+        core.patch_namespace(other_namespace, {"metadata": {"labels": {"temper.dev/served": "true"}}})
+        release.helm("upgrade", release.name, str(CHART), values={"rbac": {"servedNamespaces": [namespace]}})
+        wait_allowed(api, release, ("", "secrets", "get"), other_namespace)
+        expect(api, release, operator_permissions(), other_namespace, allow=True)
+        expect(api, release, TENANT_ONLY, "kube-system", allow=False)
         crd_reads = [("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list")]
         expect(api, release, crd_reads, None, allow=True)
         expect(api, release, CLUSTER_SCOPED_NEVER, None, allow=False)

@@ -175,11 +175,20 @@ def test_operator_as_chart_service_account_runs_pipeline_without_forbidden(
         "replicaCount": 0,
         "storage": {"endpoint": s3_server.endpoint_url, "credentialsSecret": s3_secret},
         "policy": {"allowPodAnnotations": True},
+        "rbac": {"servedNamespaces": [namespace]},  # cluster-wide: Secrets only where temper serves
     }
     with chart_release(kubeconfig, namespace, values=values) as release:
         sa_kubeconfig = service_account_kubeconfig(release, api.api_client, tmp_path)
         env = chart_operator_env(release, sa_kubeconfig)
         assert env["TEMPER_NAMESPACES"] == ""  # the chart's default: cluster-wide
+        # The denial list: no Secret read, no ConfigMap write in kube-system or an unserved namespace.
+        for where in ("kube-system", "default"):
+            for resource, verb in (("secrets", "get"), ("configmaps", "create"), ("configmaps", "update")):
+                assert not allowed(api.api_client, release, "", resource, verb, where), (
+                    where,
+                    resource,
+                    verb,
+                )
         assert env["TEMPER_DEFAULT_STORAGE_ENDPOINT"] == s3_server.endpoint_url
         # The RBAC authorizer learns of new bindings through an informer: wait until they hold.
         wait_for("the chart's bindings to take effect", lambda: jobs_allowed(release, namespace), 10)

@@ -63,6 +63,15 @@ OPERATOR_NAMESPACED_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("", "configmaps"): {"get", "list", "watch", "create", "update"},
 }
 CLUSTER_READS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"}}
+# Cluster-wide mode: Secrets and ConfigMap writes only through the tenant role, bound per served namespace.
+TENANT_PERMISSIONS = {
+    ("", "secrets"): {"get"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update"},
+}
+CLUSTER_WIDE_PERMISSIONS = {
+    **{k: v for k, v in OPERATOR_NAMESPACED_PERMISSIONS.items() if k not in TENANT_PERMISSIONS},
+    ("", "configmaps"): {"get", "list", "watch"},
+}
 
 
 def permissions(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
@@ -98,7 +107,7 @@ def test_defaults_render_the_expected_objects() -> None:
     kinds = sorted(o["kind"] for o in render())
     assert kinds == sorted(
         ["ServiceAccount", "ConfigMap", "Service", "Deployment"]
-        + ["ClusterRole"] * 4  # operator, cluster-scoped reads, aggregated edit + view
+        + ["ClusterRole"] * 5  # operator, its tenant role, cluster-scoped reads, aggregated edit + view
         + ["ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding"]  # leader-election Lease
         + ["NetworkPolicy"]  # the operator pod's
@@ -278,7 +287,10 @@ def test_existing_service_account() -> None:
 def test_cluster_wide_rbac() -> None:
     objs = render()
     operator_role = one(objs, "ClusterRole", "rel-temper")
-    assert permissions(operator_role["rules"]) == OPERATOR_NAMESPACED_PERMISSIONS
+    assert permissions(operator_role["rules"]) == CLUSTER_WIDE_PERMISSIONS  # no Secrets, no ConfigMap writes
+    tenant = one(objs, "ClusterRole", "rel-temper-tenant")
+    assert permissions(tenant["rules"]) == TENANT_PERMISSIONS
+    assert not [b for b in by_kind(objs, "RoleBinding") if b["roleRef"]["name"] == "rel-temper-tenant"]
     cluster_reads = one(objs, "ClusterRole", "rel-temper-cluster")
     assert permissions(cluster_reads["rules"]) == CLUSTER_READS
     for name in ("rel-temper", "rel-temper-cluster"):
@@ -291,6 +303,18 @@ def test_cluster_wide_rbac() -> None:
         subjects_are_operator_sa(binding)
     # Only the leader-election Role is namespaced in this mode.
     assert [r["metadata"]["name"] for r in by_kind(objs, "Role")] == ["rel-temper-leader-election"]
+
+
+def test_cluster_wide_mode_binds_the_tenant_role_only_in_served_namespaces() -> None:
+    objs = render({"rbac": {"servedNamespaces": ["team-b", "team-a"]}})
+    bindings = [b for b in by_kind(objs, "RoleBinding") if b["roleRef"]["name"] == "rel-temper-tenant"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "ClusterRole"
+        subjects_are_operator_sa(binding)
+    # Namespaced mode ignores the list: each Role carries everything already.
+    namespaced = render({**NAMESPACED, "rbac": {"servedNamespaces": ["kube-system"]}})
+    assert not [o for o in namespaced if o["metadata"].get("namespace") == "kube-system"]
 
 
 def test_namespaced_rbac() -> None:
@@ -321,8 +345,8 @@ def test_everything_docs_operator_md_asks_for_is_granted() -> None:
     assert len(rows) >= 10
     objs = render()
     granted = permissions(one(objs, "ClusterRole", "rel-temper")["rules"])
-    for rules_of in ("rel-temper-cluster", "rel-temper-leader-election"):
-        kind = "ClusterRole" if rules_of.endswith("cluster") else "Role"
+    for rules_of in ("rel-temper-cluster", "rel-temper-leader-election", "rel-temper-tenant"):
+        kind = "Role" if rules_of.endswith("leader-election") else "ClusterRole"
         granted.update(permissions(one(objs, kind, rules_of)["rules"]))
     for raw_group, resource, verbs in rows:
         group = "" if raw_group == '""' else raw_group

@@ -73,8 +73,17 @@ def test_objects_to_delete_lists_exactly_the_manifest_and_its_files() -> None:
 
 @pytest.mark.parametrize("bad", ["../other/manifest.json", "/etc/passwd", "attempts//x", "attempts/./x"])
 def test_objects_to_delete_refuses_paths_outside_the_folder(bad: str) -> None:
+    from pydantic import ValidationError
+    from temper.api.contract import ManifestFile
+
+    with pytest.raises(ValidationError, match="not a path inside the manifest's folder"):
+        manifest([bad])  # a manifest that names one is not a manifest at all
+    # Defence in depth: the deletion refuses it even in a manifest built without validation.
+    built = manifest([]).model_copy(
+        update={"files": [ManifestFile.model_construct(path=bad, sha256="0" * 64, size=1)]}
+    )
     with pytest.raises(LifecycleError, match="outside the manifest's folder"):
-        objects_to_delete("s3://ad/run/sft/manifest.json", manifest([bad]))
+        objects_to_delete("s3://ad/run/sft/manifest.json", built)
 
 
 def test_objects_to_delete_needs_a_manifest_uri() -> None:

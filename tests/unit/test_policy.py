@@ -89,6 +89,17 @@ CASES: list[tuple[dict[str, Any], dict[str, str] | None, list[str]]] = [
     (spec(storage={"uri": "s3://temper/team-a/q/", "endpointUrl": "http://minio.storage:9000"}), None, []),
     (spec(baseModel={"uri": "s3://temper/team-b/models/llama/"}), None, ["spec.baseModel.uri"]),
     (spec(baseModel={"uri": "s3://shared-datasets/models/llama/"}), None, []),
+    (
+        spec(
+            continual={
+                "schedule": "@daily",
+                "newData": {"dataset": "arith", "prefix": "s3://temper/team-b/incoming/"},
+                "replay": {"ratio": 0.2, "buffer": {"uri": "s3://temper/team-b/replay/"}},
+            }
+        ),
+        None,
+        ["spec.continual.newData.prefix", "spec.continual.replay.buffer.uri"],
+    ),
 ]
 # The chart values that render STRICT.
 STRICT_VALUES: dict[str, Any] = {
@@ -149,3 +160,64 @@ def test_policy_reads_the_chart_env() -> None:
     assert policy.storage_allowed("s3://b/ns/x", "ns")
     assert not policy.storage_allowed("s3://b/other/x", "ns")
     assert PlatformPolicy.from_env({}) == PlatformPolicy()
+
+
+# -- storage authority: the operator's own identity, continual locations, cached Adapters ---------
+def test_ambient_identity_only_for_locations_the_platform_lists() -> None:
+    raw = spec()
+    raw["storage"].pop("secretRef")
+    quickstart = PostTrainingRunSpec.model_validate(raw)
+    open_policy = PlatformPolicy()
+    found = run_violations(quickstart, "team-a", None, open_policy, credentials=False)
+    assert [m.split(":", 1)[0] for m in found] == ["spec.storage.secretRef"]
+    assert "allowedStorage" in found[0]
+    # Listed locations may use it; a Secret of the namespace always may.
+    assert run_violations(quickstart, "team-a", None, STRICT, credentials=False) == []
+    assert run_violations(quickstart, "team-a", None, open_policy, credentials=True) == []
+
+
+def test_cached_adapter_recheck_names_artifact_endpoint_and_base_model() -> None:
+    from temper.policy import raw_adapter_violations
+
+    adapter = {
+        "metadata": {"namespace": "team-a", "name": "stolen"},
+        "spec": {
+            "baseModel": {"uri": "s3://temper/team-b/base/"},
+            "artifact": {
+                "uri": "s3://temper/team-b/runs/q/manifest.json",
+                "endpointUrl": "http://127.0.0.1:6443",
+                "secretRef": {"name": "mine"},
+            },
+        },
+    }
+    found = raw_adapter_violations(adapter, STRICT, None)
+    assert [m.split(":", 1)[0] for m in found] == [
+        "spec.artifact.endpointUrl",
+        "spec.artifact.uri",
+        "spec.baseModel.uri",
+    ]
+    assert raw_adapter_violations(adapter, None, None) == []  # no policy outside the chart
+    adapter["spec"]["artifact"] = {"uri": "s3://temper/team-a/q/manifest.json"}
+    adapter["spec"]["baseModel"] = {"uri": "builtin://tiny"}
+    assert raw_adapter_violations(adapter, STRICT, None) == []
+    assert raw_adapter_violations(adapter, PlatformPolicy(), None)[0].startswith("spec.artifact.secretRef")
+    assert raw_adapter_violations(adapter, PlatformPolicy(), "temper-s3") == []
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://temper/team-a/../team-b/q/", "s3://temper/team-a/./x/../../team-b/", "s3://temper/team-a/.."],
+)
+def test_dot_segments_never_pass_the_prefix_check(uri: str) -> None:
+    assert not STRICT.storage_allowed(uri, "team-a")
+    assert not PlatformPolicy().storage_allowed(uri, "team-a")  # even with no allowedStorage
+
+
+def test_manifest_paths_stay_in_their_folder() -> None:
+    from pydantic import ValidationError
+    from temper.api.contract import ManifestFile
+
+    for path in ("../team-b/x.bin", "/etc/passwd", "a//b", "a/./b"):
+        with pytest.raises(ValidationError, match="not a path inside the manifest's folder"):
+            ManifestFile.model_validate({"path": path, "sha256": "0" * 64, "size": 1})
+    assert ManifestFile.model_validate({"path": "attempts/1/a.bin", "sha256": "0", "size": 1}).path

@@ -116,3 +116,81 @@ def test_clients_are_cached_per_secret_version(monkeypatch: pytest.MonkeyPatch) 
         clients.close()
 
     asyncio.run(scenario())
+
+
+class RecordingKube:
+    """The Kube calls an Adapter re-verification makes: status patches and events."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[str] = []
+
+    async def patch_status(
+        self, plural: str, ns: str, name: str, desired: Any, current: Any, **_: Any
+    ) -> None:
+        self.patches.append(desired)
+
+    async def emit(self, involved: Any, event: Any) -> None:
+        self.events.append(event.reason)
+
+
+class FakeStore:
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.calls = 0
+
+    def verify_manifest(self, uri: str) -> Any:
+        self.calls += 1
+        return self.result
+
+
+def _ready(name: str, uri: str) -> dict[str, Any]:
+    adapter = _obj("Adapter", name)
+    adapter["metadata"]["generation"] = 1
+    adapter["spec"] = {"artifact": {"uri": uri}}
+    adapter["status"] = {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "ArtifactVerified"}],
+        "artifact": {"sha256": "abc"},
+    }
+    return adapter
+
+
+def test_ready_adapters_are_reverified_on_the_storage_lane_when_due_or_touched() -> None:
+    from temper.storage import VerifyResult
+
+    uri = "s3://b/ml/q/g1/sft/manifest.json"
+
+    async def scenario() -> tuple[Runtime, RecordingKube, FakeStore, list[Any]]:
+        kube = RecordingKube()
+        rt = Runtime(kube=kube, config=OperatorConfig(adapter_reverify_seconds=3600))  # type: ignore[arg-type]
+        store = FakeStore(VerifyResult(True, [], 1, "abc"))
+
+        async def get(namespace: str, options: Any) -> FakeStore:
+            return store
+
+        rt.storage.get = get  # type: ignore[method-assign]
+        for name in ("a1", "a2"):
+            rt.caches.put_adapter(_ready(name, uri))
+        rt.caches.put_adapter(_ready("other", "s3://b/ml/other/manifest.json"))
+        await rt.reconcile_adapter(("ml", "a1"))  # first sight after a start: a timer, no S3 call
+        assert store.calls == 0
+        assert ("adapter", ("ml", "a1")) in rt.timers
+        rt.recheck_touching([uri.replace("manifest.json", "attempts/1/a.bin")])
+        queued = sorted(item[2] for item in rt.queues["storage"]._queue)  # type: ignore[attr-defined]
+        assert rt.queues["api"].empty()  # never on the reconcile lane
+        store.result = VerifyResult(True, [], 1, "abc")
+        await rt.reconcile_adapter(("ml", "a1"))  # touched, unchanged: no write
+        store.result = VerifyResult(False, ["attempts/1/a.bin: missing"])
+        await rt.reconcile_adapter(("ml", "a2"))  # touched, gone: Ready=False ArtifactMissing
+        rt.storage.close()
+        return rt, kube, store, queued
+
+    rt, kube, store, queued = asyncio.run(scenario())
+    assert queued == [("adapter", ("ml", "a1")), ("adapter", ("ml", "a2"))]  # not "other"
+    assert store.calls == 2
+    assert len(kube.patches) == 1
+    ready = kube.patches[0]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", "ArtifactMissing")
+    assert kube.events == ["ArtifactMissing"]
+    assert rt.recheck == set()

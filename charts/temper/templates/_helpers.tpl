@@ -113,6 +113,22 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if not (include "temper.clusterWide" .) }}
+{{ include "temper.tenantRules" . }}
+{{- else }}
+# Alias ConfigMaps are watched everywhere (written only where a tenant Role allows it).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+{{- end }}
+
+{{/*
+Rules that reach a tenant's secrets or change what others read: in namespaced mode part of each
+Role; in cluster-wide mode only in the namespaces temper serves (rbac.servedNamespaces and the
+rbac.servedNamespaceLabel namespaces), never cluster-wide, so kube-system's stay out of reach.
+*/}}
+{{- define "temper.tenantRules" -}}
 # Storage credentials, read to fetch progress and verify manifests. Never listed or watched.
 - apiGroups: [""]
   resources: ["secrets"]
@@ -121,6 +137,19 @@ Keep in sync with the RBAC sections of docs/operator.md and docs/continual.md.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "update"]
+{{- end }}
+
+{{/* The namespaces a cluster-wide operator serves: rbac.servedNamespaces, then those labelled. */}}
+{{- define "temper.servedNamespaces" -}}
+{{- $out := list }}
+{{- range .Values.rbac.servedNamespaces }}{{ $out = append $out . }}{{ end }}
+{{- with .Values.rbac.servedNamespaceLabel }}
+{{- $found := lookup "v1" "Namespace" "" "" }}
+{{- range (($found).items | default list) }}
+{{- if and (eq (get (.metadata.labels | default dict) $.Values.rbac.servedNamespaceLabel) "true") (ne ((.status).phase) "Terminating") }}{{ $out = append $out .metadata.name }}{{ end }}
+{{- end }}
+{{- end }}
+{{- toJson ($out | uniq | sortAlpha) }}
 {{- end }}
 
 {{/* Storage endpoints a run or Adapter may name, as a CEL list: policy.allowedStorageEndpoints plus storage.endpoint. */}}

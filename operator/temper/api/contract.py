@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CONTRACT_ENV = "TEMPER_STAGE_CONTRACT"
 CONTRACT_KIND = "StageContract"
@@ -289,11 +289,21 @@ FileEntry = dict[str, Any]
 class ManifestFile(_Strict):
     path: str  # relative to the manifest's folder
     sha256: str
+
     size: int = Field(ge=0)
     # What the store reported at publish, so verification is one HEAD (temper.storage): its
     # x-amz-checksum-sha256 (a multipart object's is "<parts' checksum>-<N>"), else its ETag.
     checksum_sha256: str | None = Field(None, alias="checksumSha256")
     etag: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_folder(cls, path: str) -> str:
+        # A manifest names files in its own folder only: never an absolute or ".." path.
+        parts = path.split("/")
+        if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{path!r}: not a path inside the manifest's folder")
+        return path
 
 
 class Manifest(_Strict):

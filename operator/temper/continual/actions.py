@@ -24,8 +24,10 @@ Key = tuple[str, str]  # (namespace, name)
 BUILTIN_DEFAULT_EXAMPLES = 64  # the trainer's builtin:// generator default when n= is absent
 
 
-def invalid_spec_status(status: Mapping[str, Any], message: str, now: datetime) -> dict[str, Any]:
-    condition = {"type": "Stalled", "status": "True", "reason": "InvalidSpec", "message": message}
+def invalid_spec_status(
+    status: Mapping[str, Any], message: str, now: datetime, reason: str = "InvalidSpec"
+) -> dict[str, Any]:
+    condition = {"type": "Stalled", "status": "True", "reason": reason, "message": message}
     return {"conditions": cyc.upsert_condition(status.get("conditions") or [], condition, now)}
 
 

@@ -7,6 +7,11 @@ on deletion, removes *exactly* the files its manifest lists plus the manifest it
 prefix listing, so nothing else sharing the folder (other attempts, checkpoints, other adapters)
 can be removed. Files go first and the manifest last, so an interrupted cleanup can resume from
 the manifest.
+
+Authority (docs/security.md, "Storage authority"): the objects are deleted only if temper
+published that manifest for the Adapter's own namespace (its ``lineage.run.namespace``), or, for
+a manifest temper did not publish, if this Adapter verified exactly those bytes (its
+``status.artifact.sha256``). A manifest of another namespace is never deleted through an Adapter.
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ from temper.api.contract import Manifest
 
 RETENTION_FINALIZER = "temper.dev/artifact-retention"
 ARTIFACT_DELETED = "ArtifactDeleted"  # condition type recording that retention removed the files
+RETENTION_REFUSED = "RetentionRefused"  # its reason when the namespace had no authority over them
 Lifecycle = Literal["active", "retired"]
 
 
 class LifecycleError(ValueError):
     """A lifecycle change or retention action that must not happen; names the field."""
+
+
+class RetentionRefused(LifecycleError):
+    """The Adapter's namespace has no authority over the objects its manifest lists."""
 
 
 def lifecycle_of(adapter: Mapping[str, Any]) -> Lifecycle:
@@ -57,11 +67,16 @@ def artifact_deleted(adapter: Mapping[str, Any]) -> bool:
     return any(c.get("type") == ARTIFACT_DELETED and c.get("status") == "True" for c in conditions)
 
 
+def retention_refused(adapter: Mapping[str, Any]) -> bool:
+    conditions = (adapter.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == ARTIFACT_DELETED and c.get("reason") == RETENTION_REFUSED for c in conditions)
+
+
 def should_delete_artifact(adapter: Mapping[str, Any], *, deleting: bool) -> bool:
-    """Delete the objects now? On retire or deletion, with retention delete, not done yet."""
+    """Delete the objects now? On retire or deletion, with retention delete, not done (or refused) yet."""
     if retention_of(adapter) != "delete":
         return False
-    if artifact_deleted(adapter):
+    if artifact_deleted(adapter) or retention_refused(adapter):
         return False
     return deleting or lifecycle_of(adapter) == "retired"
 
@@ -83,6 +98,28 @@ def objects_to_delete(manifest_uri: str, manifest: Manifest) -> list[str]:
     return keys
 
 
+def manifest_namespace(manifest: Manifest) -> str | None:
+    """The namespace temper published ``manifest`` for (its run's), None for a hand-made one."""
+    run = manifest.lineage.get("run")
+    namespace = run.get("namespace") if isinstance(run, dict) else None
+    return str(namespace) if namespace else None
+
+
+def deletion_refusal(
+    manifest: Manifest, manifest_sha256: str, namespace: str, verified_sha256: str | None
+) -> str | None:
+    """Why retention must not delete this manifest's objects for an Adapter of ``namespace``."""
+    owner = manifest_namespace(manifest)
+    if owner is not None and owner != namespace:
+        return f"spec.artifact.uri: the manifest was published for namespace {owner!r}, not {namespace!r}"
+    if owner is None and verified_sha256 != manifest_sha256:
+        return (
+            "spec.artifact.uri: temper did not publish this manifest and this Adapter never verified "
+            "these bytes (status.artifact.sha256)"
+        )
+    return None
+
+
 class ObjectStore(Protocol):
     def read_manifest(self, uri: str) -> tuple[Manifest, str]: ...
 
@@ -97,13 +134,21 @@ class DeletionResult:
     already_gone: bool  # the manifest was missing: nothing (left) to delete
 
 
-def delete_artifact(store: ObjectStore, manifest_uri: str) -> DeletionResult:
-    """Delete what the manifest lists, then the manifest; idempotent."""
-    from temper.storage import S3Uri
+def delete_artifact(
+    store: ObjectStore, manifest_uri: str, namespace: str, verified_sha256: str | None
+) -> DeletionResult:
+    """Delete what the manifest lists, then the manifest, if ``namespace`` may; idempotent."""
+    from temper.storage import S3Uri, VerificationError
 
     if store.head(manifest_uri) is None:
         return DeletionResult([], True)
-    manifest, _ = store.read_manifest(manifest_uri)
+    try:
+        manifest, digest = store.read_manifest(manifest_uri)
+    except VerificationError as exc:  # not a manifest (e.g. a file outside its folder): never retried
+        raise RetentionRefused(f"spec.artifact.uri: {exc}") from None
+    refusal = deletion_refusal(manifest, digest, namespace, verified_sha256)
+    if refusal:
+        raise RetentionRefused(refusal)
     keys = objects_to_delete(manifest_uri, manifest)
     files, manifest_key = keys[:-1], keys[-1]
     for group in (files, [manifest_key]):

@@ -132,24 +132,35 @@ async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[st
     namespace = str((adapter.get("metadata") or {}).get("namespace", ""))
     artifact = dict((adapter.get("spec") or {}).get("artifact") or {})
     uri = str(artifact.get("uri", ""))
+    verified = ((adapter.get("status") or {}).get("artifact") or {}).get("sha256")
+    refusal = rt.adapter_policy(adapter)
     try:
+        if refusal:
+            raise lifecycle.RetentionRefused("; ".join(refusal))
         storage = await rt.storage.get(namespace, artifact)
-        result = await rt.storage.run(lambda: lifecycle.delete_artifact(storage, uri))
+        result = await rt.storage.run(lambda: lifecycle.delete_artifact(storage, uri, namespace, verified))
+    except lifecycle.RetentionRefused as exc:
+        return await _record_deletion(rt, adapter, "False", lifecycle.RETENTION_REFUSED, str(exc))
     except (StorageError, lifecycle.LifecycleError) as exc:
         await rt.kube.emit(adapter, Event("Warning", "RetentionFailed", str(exc)))
         raise
+    rt.recheck_touching(result.deleted)
     message = (
         "manifest already gone" if result.already_gone else f"deleted {len(result.deleted)} objects of {uri}"
     )
-    deleted = {
-        "type": lifecycle.ARTIFACT_DELETED,
-        "status": "True",
-        "reason": "RetentionDelete",
-        "message": message,
-    }
-    conditions = _condition(adapter, deleted)
+    return await _record_deletion(rt, adapter, "True", "RetentionDelete", message)
+
+
+async def _record_deletion(
+    rt: Runtime, adapter: dict[str, Any], status: str, reason: str, message: str
+) -> list[dict[str, Any]]:
+    condition = {"type": lifecycle.ARTIFACT_DELETED, "status": status, "reason": reason, "message": message}
+    conditions = _condition(adapter, condition)
     await _patch_status(rt, adapter, {"conditions": conditions})
-    await rt.kube.emit(adapter, Event("Normal", "ArtifactDeleted", message))
+    event = (
+        Event("Normal", "ArtifactDeleted", message) if status == "True" else Event("Warning", reason, message)
+    )
+    await rt.kube.emit(adapter, event)
     return conditions
 
 

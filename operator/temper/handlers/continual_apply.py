@@ -36,6 +36,7 @@ from temper.continual.schedule import Clock, SystemClock
 from temper.continual.spec import ContinualSpec, ContinualSpecError, parse_continual
 from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, status_changed
 from temper.planner import Event
+from temper.planner.plan import policy_refusal
 from temper.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -92,6 +93,13 @@ async def reconcile_continual(rt: Runtime, key: Key) -> None:
         await rt.write_status(RUN_PLURAL, key, desired)
         return
     assert cspec is not None
+    refusal = policy_refusal(run, rt.config)
+    if refusal:  # no S3 call (selection, replay index) for a location the namespace may not use
+        desired = actions.invalid_spec_status(status, refusal, _now(), reason="PolicyViolation")
+        if status_changed(desired, dict(status)):
+            await rt.kube.emit(run, Event("Warning", "PolicyViolation", refusal))
+        await rt.write_status(RUN_PLURAL, key, desired)
+        return
     now = _now()
     children = [
         rt.caches.runs[(namespace, child)]

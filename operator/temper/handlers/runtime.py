@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from temper import adapters as adapter_ctl
-from temper import metrics
+from temper import metrics, reverify
 from temper.api.common import GROUP, VERSION
 from temper.api.contract import AdapterRef, StageProgress
 from temper.builders.contract import PARENT_ADAPTER_ANNOTATION
@@ -31,7 +31,8 @@ from temper.continual.cycle import PARENT_LABEL
 from temper.handlers import adapter_lifecycle, continual_apply
 from temper.handlers.storage_clients import StorageClients
 from temper.kube import ADAPTER_PLURAL, RUN_PLURAL, Kube
-from temper.planner import Observed, ObservedAdapter, ObservedJob, Plan, RunningAttempt, plan
+from temper.planner import Event, Observed, ObservedAdapter, ObservedJob, Plan, RunningAttempt, plan
+from temper.policy import raw_adapter_violations
 from temper.storage import StorageError
 
 log = logging.getLogger("temper.reconcile")
@@ -235,6 +236,10 @@ class Runtime:
         self.progress: dict[Key, tuple[tuple[str, int], StageProgress]] = {}
         self.started = False
         self.workers: list[asyncio.Task[None]] = []
+        # Ready Adapters: when each was last verified (monotonic), and those due at once
+        # (a retention action deleted objects in their folder).
+        self.verified_at: dict[Key, float] = {}
+        self.recheck: set[Key] = set()
 
     # -- queue ------------------------------------------------------------------------------
     def enqueue(self, kind: Kind, key: Key, delay: float = 0.0, urgent: bool = False) -> None:
@@ -482,8 +487,19 @@ class Runtime:
             self.enqueue("progress", key, self.config.progress_interval_seconds)
 
     # -- adapters ---------------------------------------------------------------------------
+    def adapter_policy(self, adapter: dict[str, Any]) -> list[str]:
+        """The platform policy's storage rules for this Adapter (empty: it may be served)."""
+        return raw_adapter_violations(adapter, self.config.policy, self.config.default_storage_secret)
+
+    def recheck_touching(self, deleted: list[str]) -> None:
+        """Re-verify at once every Ready Adapter with a file among ``deleted`` (any namespace)."""
+        for key, adapter in list(self.caches.adapters.items()):
+            if reverify.was_ready(adapter) and reverify.touches(adapter, deleted):
+                self.recheck.add(key)
+                self.enqueue("adapter", key)
+
     async def reconcile_adapter(self, key: Key) -> None:
-        """Lifecycle (finalizer, retirement, merge) first, then verification when it is due."""
+        """Policy, then lifecycle (finalizer, retirement, merge), then verification when it is due."""
         adapter = self.caches.adapters.get(key)
         if adapter is None:
             return
@@ -497,20 +513,97 @@ class Runtime:
         )
         started = time.perf_counter()
         try:
-            adapter = await adapter_lifecycle.reconcile(self, key, adapter)
-            if adapter is None or not adapter_ctl.needs_verification(adapter):
+            refusal = self.adapter_policy(adapter)
+            winding_down = bool((adapter.get("metadata") or {}).get("deletionTimestamp"))
+            if refusal and not winding_down and spec.get("lifecycle") != "retired":
+                await self._refuse_adapter(key, adapter, refusal)
                 return
-            status = adapter.get("status") or {}
-            storage = await self.storage.get(key[0], spec.get("artifact") or {})
-            result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
-            self.storage.refused(key[0], spec.get("artifact") or {}, "; ".join(result.problems))
-            desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
-            await self.write_status(ADAPTER_PLURAL, key, desired)
-            if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):
-                self.enqueue("adapter", key, STALLED_RETRY_SECONDS)
+            adapter = await adapter_lifecycle.reconcile(self, key, adapter)
+            if adapter is None or refusal:
+                return
+            if adapter_ctl.needs_verification(adapter):
+                await self._verify_adapter(key, adapter)
+            elif reverify.was_ready(adapter):
+                await self._reverify_adapter(key, adapter)
         finally:
             metrics.RECONCILE_DURATION.labels("Adapter").observe(time.perf_counter() - started)
 
+    async def _refuse_adapter(self, key: Key, adapter: dict[str, Any], refusal: list[str]) -> None:
+        """Stalled PolicyViolation, no S3 call: the Adapter names storage its namespace may not use."""
+        message = f"platform policy: {'; '.join(refusal)}"
+        generation = (adapter.get("metadata") or {}).get("generation")
+        ready = {
+            "type": "Ready",
+            "status": "False",
+            "reason": "PolicyViolation",
+            "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        old: dict[str, Any] = next(
+            (c for c in (adapter.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {}
+        )
+        if old.get("reason") == "PolicyViolation" and old.get("message") == message:
+            return
+        desired = {
+            "observedGeneration": generation,
+            "phase": "Failed",
+            "conditions": adapter_ctl.kstatus_conditions(ready, "stalled"),
+        }
+        await self.write_status(ADAPTER_PLURAL, key, desired)
+        await self.kube.emit(adapter, Event("Warning", "PolicyViolation", message))
+
+    async def _verify_adapter(self, key: Key, adapter: dict[str, Any]) -> None:
+        artifact = (adapter.get("spec") or {}).get("artifact") or {}
+        storage = await self.storage.get(key[0], artifact)
+        result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
+        self.storage.refused(key[0], artifact, "; ".join(result.problems))
+        desired = adapter_ctl.verification_status(adapter, result, adapter_ctl.now())
+        await self.write_status(ADAPTER_PLURAL, key, desired)
+        if adapter_ctl.retry_verification(adapter, desired["conditions"][0]["reason"]):
+            self.enqueue("adapter", key, STALLED_RETRY_SECONDS)
+        elif result.ok:
+            self.verified_at[key] = time.monotonic()
+            self._schedule_reverify(key, self.config.adapter_reverify_seconds)
+
+    def _schedule_reverify(self, key: Key, delay: float) -> None:
+        if self.config.adapter_reverify_seconds > 0:
+            self.enqueue("adapter", key, max(delay, 0.05))
+
+    async def _reverify_adapter(self, key: Key, adapter: dict[str, Any]) -> None:
+        """A Ready Adapter: verify again when its interval is up (or a deletion touched it)."""
+        interval = self.config.adapter_reverify_seconds
+        now = time.monotonic()
+        last = self.verified_at.get(key)
+        if key not in self.recheck:
+            if interval <= 0:
+                return
+            if last is None:  # not verified by this process: spread the first pass over an interval
+                self.verified_at[key] = now - interval + reverify.first_delay(interval)
+                self._schedule_reverify(key, self.verified_at[key] + interval - now)
+                return
+            if now - last < interval:
+                self._schedule_reverify(key, last + interval - now)
+                return
+        self.recheck.discard(key)
+        artifact = (adapter.get("spec") or {}).get("artifact") or {}
+        storage = await self.storage.get(key[0], artifact)
+        result = await self.storage.run(lambda: adapter_ctl.verify(adapter, storage))
+        reason = reverify.lost_reason(adapter, result)
+        if reason is None:
+            self.verified_at[key] = time.monotonic()
+            delay = STALLED_RETRY_SECONDS if not result.ok else interval
+            self._schedule_reverify(key, delay)
+            return
+        self.verified_at.pop(key, None)
+        desired = reverify.lost_status(
+            adapter, result, reason, adapter_ctl.now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
+        await self.write_status(ADAPTER_PLURAL, key, desired)
+        await self.kube.emit(adapter, Event("Warning", reason, desired["conditions"][0]["message"]))
+
     def forget_adapter(self, key: Key) -> None:
         self.forget(("adapter",), key)
+        self.verified_at.pop(key, None)
+        self.recheck.discard(key)
         metrics.ADAPTER_TALLY.drop(key)

@@ -232,7 +232,22 @@ def _policy_violations(run: PostTrainingRun, config: OperatorConfig) -> list[str
     if config.policy is None:
         return []
     annotations = run.metadata.get("annotations") or {}
-    return run_violations(run.spec, run.metadata.get("namespace", ""), annotations, config.policy)
+    credentials = bool(run.spec.storage.secret_ref or config.default_storage_secret)
+    namespace = run.metadata.get("namespace", "")
+    return run_violations(run.spec, namespace, annotations, config.policy, credentials=credentials)
+
+
+def policy_refusal(run_obj: dict[str, Any], config: OperatorConfig) -> str | None:
+    """The PolicyViolation message of a run (a continual template too), or None; invalid specs
+    are reported by their own path."""
+    try:
+        run = PostTrainingRun.model_validate(
+            {"metadata": run_obj.get("metadata") or {}, "spec": run_obj.get("spec") or {}}
+        )
+    except ValidationError:
+        return None
+    violations = _policy_violations(run, config)
+    return f"platform policy: {'; '.join(violations)}" if violations else None
 
 
 def backoff_seconds(base: int, attempt: int, cap: int) -> float:
