@@ -418,6 +418,9 @@ class Runtime:
             await self.kube.emit(run, event)
         if p.status:
             await self.write_status(RUN_PLURAL, key, p.status)
+        for adapter, evals in p.adapter_evals.items():  # an eval stage's results, on what it evaluated
+            await self.write_status(ADAPTER_PLURAL, (ns, adapter), {"evals": evals})
+        metrics.set_drift(ns, name, (p.status or {}).get("stages") or [])
         for t in p.transitions:
             metrics.STAGE_DURATION.labels(t.stage_type, t.result).observe(t.duration_seconds)
             if t.result == "Failed":
@@ -454,6 +457,7 @@ class Runtime:
         self.progress.pop(key, None)
         metrics.RUN_TALLY.drop(key)
         metrics.set_progress(key[0], key[1], None, None)
+        metrics.set_drift(key[0], key[1], [])
 
     # -- progress ---------------------------------------------------------------------------
     async def poll_progress(self, key: Key) -> None:
