@@ -214,3 +214,18 @@ def test_eval_contract_names_the_evaluated_adapters_parent_as_baseline() -> None
     )
     assert contract.parent == outputs["sft"]
     assert contract.baseline is None
+
+
+def test_a_cycle_carries_the_drift_of_the_stage_that_produced_its_adapter() -> None:
+    from temper.continual.cycle import cycle_drift
+
+    child = {
+        "status": {
+            "stages": [
+                {"name": "sft", "adapter": "bot-g2-sft-g1", "drift": {"klToParent": 0.04, "klToBase": 0.3}},
+                {"name": "regress", "state": "Succeeded"},
+            ]
+        }
+    }
+    assert cycle_drift(child, "bot-g2-sft-g1") == {"klToParent": 0.04, "klToBase": 0.3}
+    assert cycle_drift(child, None) is None
