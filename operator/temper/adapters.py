@@ -7,6 +7,7 @@ around them without touching verification.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -186,7 +187,7 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
             "files": len(manifest.files),
             "verifiedAt": stamp,
         },
-        "metrics": {k: float(v) for k, v in manifest.metrics.items()},
+        "metrics": {k: float(v) for k, v in manifest.metrics.items() if math.isfinite(v)},
         "lineage": lineage,
         "servable": {"vllm": bool(servable)},
     }

@@ -177,6 +177,29 @@ def test_zero_baseline_and_lower_is_better_metrics() -> None:
     assert verdicts([no_baseline])[0].outcome == "NoBaseline"
 
 
+def test_a_diverged_eval_fails_and_its_status_stays_valid_json() -> None:
+    import json
+
+    from temper.api.contract import StageResult
+
+    result = eval_result(float("nan"), 0.95)
+    result["evals"][0]["value"] = float("nan")
+    wire = StageResult.model_validate(result).model_dump_json(by_alias=True)  # the trainer's message
+    assert '"NaN"' in wire
+    run = gated_run()
+    jobs = [
+        job("sft", outcome="Complete", result={"manifestUri": SFT}),
+        job("align", outcome="Complete", result={"manifestUri": ALIGN}),
+        job("regress", outcome="Complete", result=json.loads(wire)),
+    ]
+    adapters = {a.name: a for a in (ready_adapter("sft"), ready_adapter("align"))}
+    p = plan(run, Observed(jobs=jobs, adapters=adapters), NOW, CONFIG)
+    assert p.phase == "Failed"
+    assert "suite old exact_match=nan is not a number" in p.status["stages"][2]["message"]
+    json.dumps([p.status, p.adapter_evals], allow_nan=False)
+    assert "value" not in p.adapter_evals["r1-align-g1"]["old"]
+
+
 def test_drift_per_stage_in_status_and_as_a_metric() -> None:
     p = finished_plan(gated_run(), 0.925, 0.95)
     stages = {s["name"]: s for s in p.status["stages"]}

@@ -205,7 +205,7 @@ class AdapterEval(ApiModel):
     """One eval suite's latest result on this adapter, from an eval stage."""
 
     metric: str = doc("The suite's metric.", max_length=64)
-    value: float = doc("This adapter's value.")
+    value: float | None = doc("This adapter's value; absent when it was not a number.", default=None)
     examples: int | None = doc("Examples evaluated.", default=None, ge=0)
     baseline: float | None = doc("The baseline's value, measured in the same eval stage.", default=None)
     baseline_source: str | None = doc(

@@ -38,7 +38,9 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_CONTRACT, EXIT_INVALID_INPUT, EXIT_UNSU
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # NaN and infinity travel as "NaN"/"Infinity" (JSON has neither; pydantic's default, null,
+    # would make a diverged stage's result unreadable) and are read back as floats.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, ser_json_inf_nan="strings")
 
 
 StageType = Literal["sft", "dpo", "grpo", "reward-model", "synthetic-preferences", "eval", "merge"]

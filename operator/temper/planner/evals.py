@@ -80,9 +80,9 @@ def adapter_evals(
         r = v.result
         entry: dict[str, Any] = {
             "metric": r.metric,
-            "value": r.value,
+            "value": r.value if math.isfinite(r.value) else None,  # JSON has no NaN
             "examples": r.examples,
-            "baseline": r.baseline,
+            "baseline": r.baseline if r.baseline is not None and math.isfinite(r.baseline) else None,
             "baselineSource": r.baseline_source,
             "maxRegression": r.max_regression,
             "regression": None if v.regression is None else round(v.regression, 6),

@@ -6,6 +6,7 @@ messages, Adapters), so a status write lost to a crash is simply recomputed on t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -119,7 +120,7 @@ class _StageView:
         ):
             if value is not None:
                 out[key] = value
-        out["metrics"] = dict(self.metrics)
+        out["metrics"] = {k: v for k, v in self.metrics.items() if math.isfinite(v)}  # JSON has no NaN
         if self.topology:
             out["topology"] = dict(self.topology)
         drift = stage_drift(self.metrics)
