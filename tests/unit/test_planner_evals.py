@@ -171,6 +171,7 @@ def test_zero_baseline_and_lower_is_better_metrics() -> None:
     assert one("loss", 0.9, 1.0, 0.0) == "Passed"
     assert one("exact_match", 0.0, 0.0, 0.0) == "Passed"
     assert one("loss", float("nan"), 1.0, 10.0) == "Failed"
+    assert one("a_metric_without_direction", 0.1, 1.0, 0.0) == "Reported"
     nan = SuiteResult(suite="s", metric="loss", value=float("nan"), baseline=1.0, max_regression=0.1)
     assert "is not a number" in gate_message(verdicts([nan]))  # unchanged passes a zero-regression gate
     no_baseline = SuiteResult(suite="s", metric="exact_match", value=0.3, max_regression=0.1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from temper.api.contract import SuiteResult
-from temper.continual.gates import forgetting
+from temper.continual.gates import HIGHER_IS_BETTER, LOWER_IS_BETTER, forgetting
 
 GATE_FAILED = "RegressionGateFailed"
 GATES_PASSED = "RegressionGatesPassed"
@@ -53,6 +53,8 @@ def verdicts(results: list[SuiteResult]) -> list[SuiteVerdict]:
             out.append(SuiteVerdict(r, None, "Failed"))
         elif r.baseline is None or not math.isfinite(r.baseline):
             out.append(SuiteVerdict(r, None, "NoBaseline"))
+        elif r.metric not in LOWER_IS_BETTER | HIGHER_IS_BETTER:  # no known direction: report only
+            out.append(SuiteVerdict(r, None, "Reported"))
         else:
             drop = forgetting(r.metric, r.baseline, r.value)
             # A hair of tolerance so that an unchanged metric passes a zero-regression gate.
