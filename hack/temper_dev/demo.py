@@ -634,6 +634,14 @@ def print_summary(
         } or metrics
         text = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
         display.line(f"  {stage:<10} {text}")
+    for stage in (run.get("status") or {}).get("stages") or []:
+        if (stage.get("message") or "").startswith("regression gate"):
+            display.line(f"  {stage['name']:<10} {stage['message']}")
+    for row in adapter_rows(kube, namespace, name):
+        for suite, result in row["evals"].items():
+            display.line(
+                f"  {row['name']}.status.evals.{suite}: {result.get('outcome')} {result.get('value')}"
+            )
     if metrics_url:
         display.line("")
         display.line(f"Operator metrics: curl -s {metrics_url} | grep ^temper_")

@@ -7,12 +7,13 @@ around them without touching verification.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from temper import metrics
 from temper.api.common import RECONCILING, STALLED
-from temper.api.contract import StorageConfig
+from temper.api.contract import Manifest, StorageConfig
 from temper.builders.names import LABEL_CYCLE, LABEL_RUN, LABEL_STAGE
 from temper.storage import Storage, VerifyResult
 
@@ -137,7 +138,6 @@ def kstatus_conditions(
 def verification_status(adapter: dict[str, Any], result: VerifyResult, now: datetime) -> dict[str, Any]:
     meta = adapter.get("metadata") or {}
     spec = adapter.get("spec") or {}
-    labels = meta.get("labels") or {}
     generation = meta.get("generation")
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     prev = {c.get("type"): c for c in (adapter.get("status") or {}).get("conditions") or []}
@@ -174,23 +174,7 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
         }
     manifest = result.manifest
     assert manifest is not None
-    lineage: dict[str, Any] = {
-        "run": labels.get(LABEL_RUN) or manifest.lineage.get("run"),
-        "stage": labels.get(LABEL_STAGE) or manifest.lineage.get("stage"),
-        "datasets": [str(d) for d in manifest.lineage.get("datasets", [])][:1000],
-        "trainerVersion": manifest.trainer_version,
-        "baseModel": manifest.base_model,
-        "baseModelRevision": manifest.lineage.get("baseModelRevision"),
-    }
-    pinned = manifest.lineage.get("dataRevisions") or {}
-    if isinstance(pinned, dict):  # hf:// datasets, as uri@commit
-        lineage["datasets"] = (lineage["datasets"] + [f"{uri}@{sha}" for uri, sha in pinned.items()])[:1000]
-    cycle = labels.get(LABEL_CYCLE)
-    if cycle and cycle.isdigit():
-        lineage["generation"] = int(cycle)
-    parent = (meta.get("annotations") or {}).get("temper.dev/parent") or manifest.lineage.get("parent")
-    if parent:
-        lineage["parent"] = str(parent)
+    lineage = manifest_lineage(meta, manifest)
     method = spec.get("method") or manifest.method
     servable = manifest.servable.get("vllm", method in VLLM_METHODS)
     return {
@@ -203,10 +187,58 @@ def verification_status(adapter: dict[str, Any], result: VerifyResult, now: date
             "files": len(manifest.files),
             "verifiedAt": stamp,
         },
-        "evals": {k: float(v) for k, v in manifest.metrics.items()},
-        "lineage": {k: v for k, v in lineage.items() if v is not None},
+        "metrics": {k: float(v) for k, v in manifest.metrics.items() if math.isfinite(v)},
+        "lineage": lineage,
         "servable": {"vllm": bool(servable)},
     }
+
+
+def _run_name(raw: Any) -> str | None:
+    """The producing run's name: the trainer writes {namespace, name, uid}; older manifests a name."""
+    if isinstance(raw, dict):
+        raw = raw.get("name")
+    return str(raw) if isinstance(raw, str) and raw else None
+
+
+def _datasets(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """Structured dataset entries; older manifests' strings (name@etag) and hf pins become entries too."""
+    out: list[dict[str, Any]] = []
+    for item in lineage.get("datasets") or []:
+        if isinstance(item, dict) and item.get("uri"):
+            keys = ("name", "uri", "version", "etag", "sha256")
+            out.append({k: str(item[k]) for k in keys if item.get(k) is not None})
+            out[-1].setdefault("name", out[-1]["uri"])
+        elif isinstance(item, str):
+            name, _, version = item.partition("@")
+            out.append({"name": name, "uri": name, **({"version": version} if version else {})})
+    pinned = lineage.get("dataRevisions") or {}
+    if isinstance(pinned, dict):
+        out += [{"name": str(uri), "uri": str(uri), "version": str(sha)} for uri, sha in pinned.items()]
+    return out[:256]
+
+
+def manifest_lineage(meta: dict[str, Any], manifest: Manifest) -> dict[str, Any]:
+    """The Adapter's status.lineage: its labels first (the operator's own), then the manifest's."""
+    labels = meta.get("labels") or {}
+    raw = manifest.lineage
+    parent = raw.get("parent")
+    parent_uri = parent.get("manifestUri") if isinstance(parent, dict) else parent
+    parent_name = parent.get("name") if isinstance(parent, dict) else None
+    lineage: dict[str, Any] = {
+        "run": labels.get(LABEL_RUN) or _run_name(raw.get("run")),
+        "stage": labels.get(LABEL_STAGE) or raw.get("stage"),
+        "datasets": _datasets(raw),
+        "trainerVersion": manifest.trainer_version,
+        "baseModel": manifest.base_model,
+        "baseModelRevision": raw.get("baseModelRevision"),
+        "parent": (meta.get("annotations") or {}).get("temper.dev/parent") or parent_name,
+        "parentUri": parent_uri if isinstance(parent_uri, str) else None,
+        "contractHash": raw.get("contractHash"),
+    }
+    cycle = labels.get(LABEL_CYCLE) or raw.get("cycle")
+    if str(cycle or "").isdigit() and int(str(cycle)) >= 1:
+        lineage["generation"] = int(str(cycle))
+    return {k: v for k, v in lineage.items() if v is not None and v != ""}
 
 
 def verify(adapter: dict[str, Any], storage: Storage) -> VerifyResult:

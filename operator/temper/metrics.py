@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter as _Tally
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -47,6 +48,11 @@ FORGETTING = Gauge(
     "temper_forgetting_ratio",
     "Relative drop of an old suite's metric vs the promoted adapter.",
     ["namespace", "run", "suite"],
+)
+STAGE_DRIFT = Gauge(
+    "temper_stage_drift_kl",
+    "Mean per-token KL of a stage's output on the trainer's probe set, to its parent or the base model.",
+    ["namespace", "run", "stage", "reference"],
 )
 RUN_GENERATION = Gauge(
     "temper_run_generation", "Latest continual-learning generation of a run.", ["namespace", "run"]
@@ -102,3 +108,26 @@ def set_progress(namespace: str, run: str, ratio: float | None, loss: float | No
     RUN_PROGRESS.labels(namespace, run).set(ratio)
     if loss is not None:
         RUN_LOSS.labels(namespace, run).set(loss)
+
+
+_DRIFT_SERIES: dict[tuple[str, str], set[tuple[str, str]]] = {}
+DRIFT_REFERENCES = {"klToParent": "parent", "klToBase": "base"}
+
+
+def set_drift(namespace: str, run: str, stages: list[dict[str, Any]]) -> None:
+    """One series per (stage, reference) of a run's status; a run's series go with it (``[]``)."""
+    wanted = {
+        (str(s.get("name")), ref): float(s["drift"][field])
+        for s in stages
+        for field, ref in DRIFT_REFERENCES.items()
+        if isinstance(s.get("drift"), dict) and isinstance(s["drift"].get(field), int | float)
+    }
+    for stage, ref in _DRIFT_SERIES.get((namespace, run), set()) - set(wanted):
+        with contextlib.suppress(KeyError):
+            STAGE_DRIFT.remove(namespace, run, stage, ref)
+    for (stage, ref), value in wanted.items():
+        STAGE_DRIFT.labels(namespace, run, stage, ref).set(value)
+    if wanted:
+        _DRIFT_SERIES[(namespace, run)] = set(wanted)
+    else:
+        _DRIFT_SERIES.pop((namespace, run), None)

@@ -168,3 +168,55 @@ def test_adapter_lifecycle(
         # Deleting the Adapter then releases the finalizer.
         crd.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "good")
         _wait("good gone", lambda: get("good") is None, log)
+
+
+def test_hand_registered_adapter_from_a_trainer_manifest_becomes_ready(
+    cluster: Cluster,
+    namespace: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    s3_secret: str,
+    operator: Any,
+    tmp_path: Path,
+) -> None:
+    """The catalog's "add": an artifact uri and no run behind it. The trainer's manifest names the run
+    that wrote it elsewhere as an object; the Adapter's lineage gets its name (the apiserver refused
+    the object with 422 before, forever)."""
+    from kubernetes import client
+
+    storage = Storage(
+        StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}), s3_server.client()
+    )
+    folder = tmp_path / "imported"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\5" * 4096)
+    dataset = {"name": "arith", "uri": "builtin://arith?n=8", "version": "temper-trainer 0.1", "sha256": "ab"}
+    lineage = {
+        "run": {"namespace": "elsewhere", "name": "trained-there", "uid": "u-1"},
+        "cycle": 1,
+        "stage": "sft",
+        "parent": None,
+        "datasets": [dataset],
+        "contractHash": "c" * 64,
+    }
+    uri = storage.publish_atomic(
+        folder, f"s3://{s3_bucket}/imported/", 1, {**FIELDS, "lineage": lineage}
+    ).manifest_uri
+    with cluster.api_client() as api:
+        crd = client.CustomObjectsApi(api)
+        crd.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, _adapter("imported", uri, s3_secret)
+        )
+
+        def ready() -> dict[str, Any] | None:
+            obj = crd.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "imported")
+            return obj if (_condition(obj, "Ready") or {}).get("status") == "True" else None
+
+        obj = _wait("imported Ready", ready, lambda: str(operator.log()[-4000:]))
+    status = obj["status"]
+    assert status["phase"] == "Ready"
+    assert status["lineage"]["run"] == "trained-there"
+    assert status["lineage"]["datasets"] == [dataset]
+    assert status["lineage"]["contractHash"] == "c" * 64
+    assert "422" not in operator.log()

@@ -55,7 +55,12 @@ def test_real_trainer_runs_sft_then_eval_on_the_exec_node(
             "from": "sft",
             "hyperparameters": {"maxNewTokens": 8},  # eval stages take only generation settings
             "resources": EXEC,
-            "suites": [{"name": "arith", "dataset": "heldout", "metric": "exact_match"}],
+            # Gated suites make the trainer measure the baseline (the base model, sft's parent) in the
+            # same stage. Two steps at lr 2e-4 barely move the loss: a 50% allowance always passes.
+            "suites": [
+                {"name": "arith", "dataset": "heldout", "metric": "exact_match", "maxRegression": 1.0},
+                {"name": "arith-loss", "dataset": "heldout", "metric": "loss", "maxRegression": 0.5},
+            ],
         },
     ]
     body = pipeline("real", s3_bucket, stages=stages)
@@ -82,3 +87,18 @@ def test_real_trainer_runs_sft_then_eval_on_the_exec_node(
         "adapter_model.safetensors",
     }
     assert any(k.startswith("suite/arith") for k in status["stages"][1]["metrics"]), status["stages"][1]
+    # The eval stage measured the base model (sft's parent) in the same stage; its results are on
+    # the Adapter it evaluated, and it published no Adapter of its own.
+    assert "adapter" not in status["stages"][1]
+    assert not any(a["metadata"]["name"] == "real-check-g1" for a in api.adapters())
+    arith = adapter["status"]["evals"]["arith"]
+    assert (arith["baselineSource"], arith["outcome"], arith["examples"]) == ("base model", "Passed", 8)
+    assert 0.0 <= arith["baseline"] <= 1.0
+    loss = adapter["status"]["evals"]["arith-loss"]
+    assert (loss["baselineSource"], loss["outcome"]) == ("base model", "Passed"), loss
+    assert status["stages"][1]["message"].startswith("regression gates passed: suite arith exact_match")
+    print(f"gate: {status['stages'][1]['message']}")
+    lineage = adapter["status"]["lineage"]
+    assert lineage["datasets"][0]["name"] == "tickets"
+    assert len(lineage["datasets"][0]["sha256"]) == 64
+    assert len(lineage["contractHash"]) == 64

@@ -166,7 +166,8 @@ def test_stages_train_from_a_pvc_and_from_the_hub(
     lineage = adapters["from-hub-sft-g1"]["status"]["lineage"]
     assert lineage["baseModel"] == qwen.uri
     assert lineage["baseModelRevision"] == qwen.sha  # main, pinned to its commit
-    assert f"hf://datasets/acme/sums@{data_sha}" in lineage["datasets"]
+    sums = next(d for d in lineage["datasets"] if d["uri"] == "hf://datasets/acme/sums")
+    assert (sums["name"], sums["version"]) == ("sums", data_sha)
     everything = json.dumps([api.run("from-hub"), adapters]) + "".join(
         str(e.message) for e in api.events("from-hub")
     )

@@ -334,3 +334,83 @@ def test_live_progress_from_storage_reaches_status_and_metrics(
     assert operator.metric("temper_run_loss", run="live") == 0.61
     wait_for("run Succeeded", lambda: api.succeeded("live"), 30, operator)
     assert 'run="live"' not in operator.metrics()  # per-run series end with the stage
+
+
+def eval_termination(bucket: str, run: str, value: float, baseline: float) -> str:
+    """The fake trainer's StageResult for both kwok pods: sft's manifest, and the eval's suite results
+    (the eval stage publishes no Adapter, so its pod reporting sft's manifest changes nothing)."""
+    return json.dumps(
+        {
+            "manifestUri": f"s3://{bucket}/runs/{run}/g1/sft/manifest.json",
+            "metrics": {"suite/arith/exact_match": value, "drift/kl_to_base": 0.125},
+            "evals": [
+                {
+                    "suite": "arith",
+                    "metric": "exact_match",
+                    "value": value,
+                    "examples": 40,
+                    "maxRegression": 0.05,
+                    "baseline": baseline,
+                    "baselineSource": "base model",
+                }
+            ],
+        }
+    )
+
+
+def test_regression_gate_fails_one_run_passes_another_and_results_land_on_the_evaluated_adapter(
+    api: Api, operator: OperatorProcess, s3_server: S3Server, s3_bucket: str, s3_secret: str, tmp_path: Path
+) -> None:
+    resources = {"gpus": 1, **KWOK}
+    stages = [
+        {"name": "sft", "type": "sft", "data": {"train": ["tickets"]}, "resources": resources},
+        {
+            "name": "gate",
+            "type": "eval",
+            "from": "sft",
+            "resources": resources,
+            "suites": [
+                {"name": "arith", "dataset": "heldout", "metric": "exact_match", "maxRegression": 0.05}
+            ],
+        },
+    ]
+    for run, value in (("gated-bad", 0.5), ("gated-good", 0.94)):
+        publish(s3_server, s3_bucket, run, "sft", tmp_path)
+        message = eval_termination(s3_bucket, run, value, 0.95)
+        annotations = {"temper.dev/fake-duration": "200ms", "temper.dev/fake-termination-message": message}
+        api.create_run(pipeline(run, s3_bucket, stages=stages, pod_annotations=annotations))
+    for run in ("gated-bad", "gated-good"):
+        wait_for(f"{run} finished", lambda r=run: api.succeeded(r) or api.failed(r), 60, operator)
+
+    expected = (
+        "regression gate failed: suite arith exact_match: baseline 0.95 (base model) -> 0.5, "
+        "drop 47.37% exceeds maxRegression 5.00%"
+    )
+    assert api.failed("gated-bad")
+    failed = api.condition("gated-bad", "Failed")
+    assert failed["message"] == f"stage gate failed: {expected}", failed
+    assert api.condition("gated-bad", "Stalled")["reason"] == "RegressionGateFailed"
+    events = {e.reason: e.message for e in api.events("gated-bad")}
+    assert events["RegressionGateFailed"] == f"stage gate: {expected}", events
+
+    assert api.succeeded("gated-good"), api.run("gated-good")["status"]
+    gate = api.stage("gated-good", "gate")
+    assert gate["message"].startswith("regression gates passed: suite arith exact_match: baseline 0.95")
+    assert "adapter" not in gate
+    assert api.stage("gated-good", "sft")["drift"] == {"klToBase": 0.125}
+    adapters = {a["metadata"]["name"]: a for a in api.adapters()}
+    assert not any(name.endswith("-gate-g1") for name in adapters), sorted(adapters)  # no eval Adapter
+    good = adapters["gated-good-sft-g1"]["status"]["evals"]["arith"]
+    assert {k: good[k] for k in ("metric", "value", "baseline", "outcome", "run", "stage", "cycle")} == {
+        "metric": "exact_match",
+        "value": 0.94,
+        "baseline": 0.95,
+        "outcome": "Passed",
+        "run": "gated-good",
+        "stage": "gate",
+        "cycle": 1,
+    }
+    assert good["time"] == gate["completionTime"]
+    assert adapters["gated-bad-sft-g1"]["status"]["evals"]["arith"]["outcome"] == "Failed"
+    assert adapters["gated-good-sft-g1"]["status"]["metrics"] == {"train_loss": 0.5}  # the manifest's own
+    assert operator.metric("temper_stage_drift_kl", run="gated-good", stage="sft", reference="base") == 0.125

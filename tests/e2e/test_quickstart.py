@@ -111,7 +111,10 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
         StorageConfig.model_validate({"endpointUrl": s3_server.endpoint_url}), s3_server.client()
     )
     adapters = {a["metadata"]["name"]: a for a in api.adapters()}
-    for stage in status["stages"]:
+    regress = status["stages"][2]
+    assert "adapter" not in regress, regress  # an eval stage publishes no Adapter
+    assert f"{name}-regress-g1" not in adapters
+    for stage in status["stages"][:2]:
         adapter = adapters[stage["adapter"]]
         ready = next(c for c in adapter["status"]["conditions"] if c["type"] == "Ready")
         assert ready["status"] == "True", adapter["status"]
@@ -133,6 +136,26 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     assert suite_em >= base_em + 0.3, metrics
     assert metrics["align"]["train/steps"] > 0
 
+    # The eval stage's gate compared DPO's output with its parent (SFT), measured in the same stage,
+    # and its results are on the evaluated Adapter, keyed by suite, with the run and time.
+    suite = body["spec"]["stages"][2]["suites"][0]
+    evals = adapters[status["stages"][1]["adapter"]]["status"]["evals"]
+    arith = evals[suite["name"]]
+    print(f"quickstart gate: {regress.get('message')}")
+    assert arith["outcome"] == "Passed", (arith, regress)
+    assert arith["baselineSource"] == f"adapter {status['stages'][0]['adapter']}"
+    assert arith["value"] == suite_em
+    assert arith["maxRegression"] == suite["maxRegression"]
+    assert (arith["run"], arith["stage"], arith["cycle"]) == (name, "regress", 1)
+    assert arith["time"] == regress["completionTime"]
+    assert regress["message"].startswith("regression gates passed: suite arith exact_match: baseline")
+    assert "RegressionGatesPassed" in [e.reason for e in api.events(name)]
+    lineage = adapters[status["stages"][1]["adapter"]]["status"]["lineage"]
+    assert "arith-prefs" in {d["name"] for d in lineage["datasets"]}, lineage  # DPO lists its data
+    assert all(d.get("sha256") for d in lineage["datasets"]), lineage
+    assert len(lineage["contractHash"]) == 64
+    assert lineage["parent"] == status["stages"][0]["adapter"]
+
     # The operator exported what the dashboard and alerts read.
     text = operator.metrics()
     runs = dict(metric_samples(text, "temper_runs"))
@@ -144,5 +167,5 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     ready_adapters = sum(
         v for labels, v in metric_samples(text, "temper_adapters") if 'ready="true"' in labels
     )
-    assert ready_adapters >= 3, metric_samples(text, "temper_adapters")
+    assert ready_adapters >= 2, metric_samples(text, "temper_adapters")
     assert "forbidden" not in operator.log().lower()

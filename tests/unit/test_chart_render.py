@@ -579,6 +579,7 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "live loss": "temper_run_loss",
         "live progress": "temper_run_progress_ratio",
         "forgetting per suite": "temper_forgetting_ratio",
+        "drift per stage": "temper_stage_drift_kl",
         "adapters by lifecycle": "temper_adapters",
     }
     for what, metric in needed.items():

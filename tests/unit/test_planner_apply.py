@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import Gauge
 from temper.adapters import failure_reason, needs_verification, verification_status
+from temper.api.adapter import AdapterStatus
 from temper.api.contract import Manifest, ManifestFile
 from temper.kube import status_changed
 from temper.metrics import StateTally
@@ -73,12 +74,48 @@ def test_verified_adapter_status_carries_catalog_facts() -> None:
         "stage": "sft",
         "generation": 2,
         "parent": "r1-base-g2",
-        "datasets": ["tickets@e1"],
+        "datasets": [{"name": "tickets", "uri": "tickets", "version": "e1"}],  # an older manifest's string
         "trainerVersion": "0.1",
         "baseModel": "builtin://tiny",  # with baseModelRevision too, for an hf:// base
     }
-    assert status["evals"] == {"eval/loss": 0.5}
+    assert status["metrics"] == {"eval/loss": 0.5}
+    assert "evals" not in status  # eval stages write those; verification never touches them
     assert status["servable"] == {"vllm": False}  # prefix tuning is not servable on vLLM
+
+
+def test_hand_registered_adapter_gets_structured_lineage_from_a_trainer_manifest() -> None:
+    """No labels, no run behind it: the manifest's run object becomes a name, never a null or a dict."""
+    manifest = Manifest(
+        files=[ManifestFile(path="attempts/1/a.safetensors", sha256="0" * 64, size=10)],
+        base_model="builtin://tiny",
+        method="lora",
+        stage_type="sft",
+        trainer_version="0.1",
+        created_at="now",
+        lineage={
+            "run": {"namespace": "ml", "name": "elsewhere", "uid": "u1"},
+            "cycle": 1,
+            "stage": "sft",
+            "parent": {"name": "elsewhere-base-g1", "manifestUri": "s3://b/base/manifest.json"},
+            "datasets": [{"name": "arith", "uri": "builtin://arith?n=8", "version": "v", "sha256": "ab"}],
+            "contractHash": "c" * 64,
+        },
+    )
+    adapter = {"metadata": {"name": "mine", "generation": 1}, "spec": {"artifact": {"uri": "s3://b/m.json"}}}
+    status = verification_status(adapter, VerifyResult(True, [], 10, "f" * 64, manifest), NOW)
+    AdapterStatus.model_validate(status)
+    assert status["phase"] == "Ready"
+    assert status["lineage"] == {
+        "run": "elsewhere",
+        "stage": "sft",
+        "generation": 1,
+        "parent": "elsewhere-base-g1",
+        "parentUri": "s3://b/base/manifest.json",
+        "datasets": [{"name": "arith", "uri": "builtin://arith?n=8", "version": "v", "sha256": "ab"}],
+        "trainerVersion": "0.1",
+        "baseModel": "builtin://tiny",
+        "contractHash": "c" * 64,
+    }
 
 
 def test_failed_verification_names_the_file_and_reason() -> None:

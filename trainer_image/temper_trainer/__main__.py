@@ -57,6 +57,7 @@ def termination_message(result: StageResult) -> str:
             manifest_uri=result.manifest_uri,
             sha256=result.sha256,
             metrics=metrics,
+            evals=result.evals,
             error=error,
             topology=result.topology,
         ).model_dump_json(by_alias=True, exclude_none=True)
@@ -86,37 +87,24 @@ def _contract_error(exc: Exception) -> str:
     return f"invalid {CONTRACT_ENV}: {exc}"
 
 
-def source_lineage(contract: StageContract) -> dict[str, Any]:
-    """The commits this stage's Hub base model and datasets were pinned to."""
-    from temper_trainer.data import HF_DATA_REVISIONS
-    from temper_trainer.models import base_model_lineage
+def manifest_fields(contract: StageContract, outcome: Any, storage: Any = None) -> dict[str, Any]:
+    from temper_trainer.lineage import stage_lineage
 
-    out = base_model_lineage(contract.base_model)
-    data = contract.data
-    uris = {d.uri for d in [*data.train, *data.eval, *data.replay.datasets]}
-    uris |= {s.dataset.uri for s in contract.suites}
-    pinned = {uri: sha for uri, sha in HF_DATA_REVISIONS.items() if uri in uris}
-    if pinned:
-        out["dataRevisions"] = pinned
-    return out
-
-
-def manifest_fields(contract: StageContract, outcome: Any) -> dict[str, Any]:
     lineage: dict[str, Any] = {
         "run": {"namespace": contract.run.namespace, "name": contract.run.name, "uid": contract.run.uid},
         "cycle": contract.run.cycle,
         "stage": contract.stage.name,
         "attempt": contract.stage.attempt,
         "seed": contract.seed,
-        "parent": contract.parent.manifest_uri if contract.parent else None,
     }
     lineage.update(outcome.lineage)
-    lineage.update(source_lineage(contract))
+    lineage.update(stage_lineage(contract, storage))  # the structured inputs win over a stage's own
     return {
         "baseModel": contract.base_model,
         "method": outcome.method,
         "stageType": contract.stage.type,
         "metrics": outcome.metrics,
+        "evals": [e.model_dump(by_alias=True, exclude_none=True) for e in outcome.evals],
         "lineage": lineage,
         "trainerVersion": temper_trainer.__version__,
         "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -231,6 +219,7 @@ def _run_contract(
                 manifest_uri=existing,
                 sha256=verified.manifest_sha256,
                 metrics=verified.manifest.metrics,
+                evals=verified.manifest.evals,
                 topology=topology,
             )
     inherit_parent_revision(contract, storage)  # the parent's base commit, not main's newest
@@ -243,16 +232,21 @@ def _run_contract(
         outcome.artifact_dir,
         contract.output.prefix,
         contract.stage.attempt,
-        manifest_fields(contract, outcome),
+        manifest_fields(contract, outcome, storage),
     )
-    metrics_out = outcome.metrics
+    metrics_out, evals_out = outcome.metrics, outcome.evals
     if not published.won:
         log.info("another attempt published first; its manifest verified")
-        metrics_out = storage.read_manifest(published.manifest_uri)[0].metrics
+        winner = storage.read_manifest(published.manifest_uri)[0]
+        metrics_out, evals_out = winner.metrics, winner.evals
     ctx.set_phase("done")
     log.info("published %s", published.manifest_uri)
     return EXIT_OK, StageResult(
-        manifest_uri=published.manifest_uri, sha256=published.sha256, metrics=metrics_out, topology=topology
+        manifest_uri=published.manifest_uri,
+        sha256=published.sha256,
+        metrics=metrics_out,
+        evals=evals_out,
+        topology=topology,
     )
 
 

@@ -58,6 +58,7 @@ from temper.api.contract import (
     EXIT_UNSUPPORTED,
     AdapterRef,
     StageContract,
+    SuiteResult,
 )
 from temper.storage import Storage
 
@@ -98,6 +99,7 @@ class StageOutcome:
     method: str  # a PeftMethod; "full" for full fine-tunes and non-adapter outputs
     servable: dict[str, bool] = field(default_factory=dict)  # e.g. {"vllm": True, "peft": True}
     lineage: dict[str, Any] = field(default_factory=dict)  # merged into the manifest's lineage
+    evals: list[SuiteResult] = field(default_factory=list)  # eval stages: suites with their baselines
 
 
 def seed_everything(seed: int) -> None:
@@ -212,15 +214,16 @@ class StageContext:
                 raise InvalidInput(f"adapter {ref.manifest_uri}: {exc}") from exc
         return dest
 
-    def load_parent(self, model: Any, *, trainable: bool = True) -> Any:
-        """Apply ``contract.parent``'s adapter; returns ``model`` unchanged when there is none."""
+    def load_parent(self, model: Any, *, trainable: bool = True, ref: AdapterRef | None = None) -> Any:
+        """Apply ``ref``'s adapter (default ``contract.parent``); ``model`` unchanged when there is none."""
         from temper_trainer.peft_setup import load_adapter
 
-        if self.contract.parent is None:
+        ref = ref or self.contract.parent
+        if ref is None:
             return model
         from temper_trainer.distributed import placement
 
-        return load_adapter(model, self.fetch_adapter(self.contract.parent), trainable=trainable).to(
+        return load_adapter(model, self.fetch_adapter(ref), trainable=trainable).to(
             placement(self.contract, self.device)
         )
 

@@ -150,16 +150,38 @@ class ArtifactStatus(ApiModel):
     verified_at: str | None = doc("When every file was last verified (RFC 3339).", default=None)
 
 
+class DatasetLineage(ApiModel):
+    """One dataset the adapter's stage read, pinned as far as its source allows."""
+
+    name: str = doc("The spec.datasets name.", max_length=DNS_SUBDOMAIN_MAX)
+    uri: str = doc("Where it was read from.", max_length=2048)
+    version: str | None = doc(
+        "The object's version id (S3), the pinned commit (hf://), or the trainer version (builtin://).",
+        default=None,
+        max_length=256,
+    )
+    etag: str | None = doc("The object's ETag (S3).", default=None, max_length=256)
+    sha256: str | None = doc(
+        "sha256 of the content: the file (local), the generated records (builtin://), or the store's "
+        "full-object checksum (S3, when uploaded with one).",
+        default=None,
+        max_length=128,
+    )
+
+
 class Lineage(ApiModel):
     """Where the adapter came from."""
 
     run: str | None = doc("The PostTrainingRun that produced it.", default=None, max_length=DNS_SUBDOMAIN_MAX)
     stage: str | None = doc("The stage that produced it.", default=None, max_length=DNS_LABEL_MAX)
     generation: int | None = doc("The continual cycle that produced it.", default=None, ge=1)
-    datasets: list[str] = doc("Training data versions, as name@etag.", default_factory=list, max_length=1000)
+    datasets: list[DatasetLineage] = doc(
+        "The datasets the stage read (training, eval, replay, suites).", default_factory=list, max_length=256
+    )
     parent: str | None = doc(
         "The Adapter it was trained from, if any.", default=None, max_length=DNS_SUBDOMAIN_MAX
     )
+    parent_uri: str | None = doc("The parent's manifest.json, if any.", default=None, max_length=1024)
     sources: list[str] = doc("Merge sources, if merged.", default_factory=list, max_length=16)
     trainer_version: str | None = doc("Trainer version that wrote it.", default=None, max_length=128)
     base_model: str | None = doc("The base model's URI, as the run named it.", default=None)
@@ -167,6 +189,9 @@ class Lineage(ApiModel):
         "The commit an hf:// base model was pinned to (a branch or tag resolved when the stage started).",
         default=None,
         max_length=64,
+    )
+    contract_hash: str | None = doc(
+        "sha256 of the stage contract the trainer ran (attempt number excluded).", default=None, max_length=64
     )
 
 
@@ -176,6 +201,29 @@ class Servable(ApiModel):
     vllm: bool = doc("vLLM LoRA serving (lora, qlora, adalora; not prompt/prefix tuning).", default=False)
 
 
+class AdapterEval(ApiModel):
+    """One eval suite's latest result on this adapter, from an eval stage."""
+
+    metric: str = doc("The suite's metric.", max_length=64)
+    value: float | None = doc("This adapter's value; absent when it was not a number.", default=None)
+    examples: int | None = doc("Examples evaluated.", default=None, ge=0)
+    baseline: float | None = doc("The baseline's value, measured in the same eval stage.", default=None)
+    baseline_source: str | None = doc(
+        "What the baseline is: the evaluated adapter's parent (adapter <name>), else the base model.",
+        default=None,
+        max_length=512,
+    )
+    max_regression: float | None = doc("The suite's maxRegression, if gated.", default=None, ge=0)
+    regression: float | None = doc("Relative drop from the baseline; positive is worse.", default=None)
+    outcome: Literal["Passed", "Failed", "NoBaseline", "Reported"] = doc(
+        "The regression gate's verdict; Reported when the suite has no maxRegression."
+    )
+    run: str = doc("The PostTrainingRun whose eval stage measured it.", max_length=DNS_SUBDOMAIN_MAX)
+    stage: str = doc("The eval stage.", max_length=DNS_LABEL_MAX)
+    cycle: int | None = doc("The run's cycle.", default=None, ge=1)
+    time: str | None = doc("When the eval stage finished (RFC 3339).", default=None)
+
+
 class AdapterStatus(ApiModel):
     """Observed state of an Adapter. Written only by the operator."""
 
@@ -183,8 +231,14 @@ class AdapterStatus(ApiModel):
     phase: AdapterPhase | None = doc("Pending, Verifying, Ready, Failed, Retired or Deleting.", default=None)
     conditions: list[Condition] = conditions_field()
     artifact: ArtifactStatus | None = doc("Verified artifact facts.", default=None)
-    evals: dict[str, float] = doc(
-        "Evaluation results, keyed suite/<name>/<metric> or <dataset>/loss.", default_factory=dict
+    metrics: dict[str, float] = doc(
+        "What the producing stage reported in its manifest, e.g. eval/exact_match, train/loss.",
+        default_factory=dict,
+    )
+    evals: dict[str, AdapterEval] = doc(
+        "Eval stages' results on this adapter, keyed by suite name: the latest run's value, baseline and "
+        "verdict.",
+        default_factory=dict,
     )
     lineage: Lineage | None = doc("Provenance.", default=None)
     servable: Servable | None = doc("Serving compatibility.", default=None)
@@ -195,7 +249,10 @@ class AdapterStatus(ApiModel):
         max_length=16,
     )
 
-    field_schema: ClassVar[dict[str, dict[str, Any]]] = {"evals": {"maxItems": 256}}
+    field_schema: ClassVar[dict[str, dict[str, Any]]] = {
+        "evals": {"maxItems": 64},
+        "metrics": {"maxItems": 256},
+    }
 
 
 class Adapter(ApiModel):

@@ -18,6 +18,7 @@ Readers trust only ``manifest.json`` and verify every file it lists.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal, get_args
 
@@ -37,7 +38,9 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_CONTRACT, EXIT_INVALID_INPUT, EXIT_UNSU
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # NaN and infinity travel as "NaN"/"Infinity" (JSON has neither; pydantic's default, null,
+    # would make a diverged stage's result unreadable) and are read back as floats.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, ser_json_inf_nan="strings")
 
 
 StageType = Literal["sft", "dpo", "grpo", "reward-model", "synthetic-preferences", "eval", "merge"]
@@ -236,6 +239,9 @@ class StageContract(_Strict):
     storage: StorageConfig = StorageConfig()
     output: OutputSpec
     parent: AdapterRef | None = None  # the `from` stage's adapter
+    # eval only: what suites with maxRegression are compared against, measured in the same stage
+    # (the evaluated adapter's parent); None with a parent means the base model
+    baseline: AdapterRef | None = None
     peft: PeftSpec = PeftSpec()
     data: StageData = StageData()
     hyperparameters: Hyperparameters = Hyperparameters()
@@ -251,6 +257,11 @@ class StageContract(_Strict):
 
     def to_env(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    def contract_hash(self) -> str:
+        """sha256 of what an attempt runs, the attempt number excluded: the same for every attempt."""
+        neutral = self.model_copy(update={"stage": self.stage.model_copy(update={"attempt": 1})})
+        return hashlib.sha256(neutral.to_env().encode()).hexdigest()
 
     @classmethod
     def from_env(cls, raw: str) -> StageContract:
@@ -273,12 +284,25 @@ class StageProgress(_Strict):
     phase: Literal["starting", "training", "evaluating", "publishing", "done"] = "starting"
 
 
+class SuiteResult(_Strict):
+    """One eval suite's result, with the baseline its regression gate compares against."""
+
+    suite: str
+    metric: str
+    value: float
+    examples: int = Field(0, ge=0)
+    max_regression: float | None = Field(None, alias="maxRegression", ge=0)
+    baseline: float | None = None  # the same suite on the baseline model, when gated
+    baseline_source: str | None = Field(None, alias="baselineSource")  # "adapter <name>" or "base model"
+
+
 class StageResult(_Strict):
     """The final result, written to the pod's termination message (kept far below 4 KiB)."""
 
     manifest_uri: str | None = Field(None, alias="manifestUri")
     sha256: str | None = None  # of manifest.json
     metrics: dict[str, float] = {}
+    evals: list[SuiteResult] = []  # eval stages: one per suite, never dropped for size
     error: str | None = None
     topology: Topology | None = None
 
@@ -315,6 +339,7 @@ class Manifest(_Strict):
     method: PeftMethod
     stage_type: StageType = Field(alias="stageType")
     metrics: dict[str, float] = {}
+    evals: list[SuiteResult] = []  # eval stages: the suites' results with their baselines
     lineage: dict[str, Any] = {}
     trainer_version: str = Field(alias="trainerVersion")
     created_at: str = Field(alias="createdAt")

@@ -346,8 +346,11 @@ class EvalSuite(ApiModel):
         "exact_match, loss, perplexity, preference_accuracy (preference datasets) or distinct_n (diversity)."
     )
     max_regression: float | None = doc(
-        "Largest tolerated relative drop against the baseline (the currently promoted adapter, else the "
-        "stage's parent): 0.01 = 1%. A larger drop fails the stage. Absent: report only.",
+        "Largest tolerated relative drop against the baseline, measured in the same eval stage: the "
+        "evaluated adapter's parent, else the base model (an eval of the base model itself has none). "
+        "0.01 = 1%. A larger drop fails the stage (reason RegressionGateFailed); in a continual cycle it "
+        "is also a promotion gate against the promoted adapter, which blocks promotion instead. "
+        "Absent: report only.",
         default=None,
         ge=0,
     )
@@ -611,7 +614,8 @@ class Stage(ApiModel):
     type: StageType = doc(
         "sft, dpo, grpo, reward-model (a scorer for reward-model rewards), synthetic-preferences (sample "
         "completions, rank them with rewards, DPO on best-vs-worst pairs), eval (suites against the from "
-        "stage's adapter, or the base model) or merge. Every stage but eval publishes an Adapter."
+        "stage's adapter, or the base model; results go to that Adapter's status.evals) or merge. Every "
+        "stage but eval publishes an Adapter."
     )
     from_: str | None = Field(
         None,
@@ -1053,6 +1057,16 @@ class StageTopology(ApiModel):
     strategy: Literal["single", "ddp", "fsdp"] = doc("single, ddp or fsdp.", default="single")
 
 
+class StageDrift(ApiModel):
+    """How far a stage's output moved: mean per-token KL on the trainer's probe set."""
+
+    kl_to_parent: float | None = doc("KL to the stage's parent (drift/kl_to_parent).", default=None)
+    kl_to_base: float | None = doc("KL to the base model (drift/kl_to_base).", default=None)
+    suites: dict[str, float] = doc("Eval suites' kl_to_reference, by suite name.", default_factory=dict)
+
+    field_schema: ClassVar[dict[str, dict[str, Any]]] = {"suites": {"maxItems": 64}}
+
+
 class StageStatus(ApiModel):
     """Observed state of one stage (of the current cycle)."""
 
@@ -1073,6 +1087,7 @@ class StageStatus(ApiModel):
         "Why the stage is in its state (never credentials).", default=None, max_length=4096
     )
     topology: StageTopology | None = doc("What the latest finished attempt ran on.", default=None)
+    drift: StageDrift | None = doc("Drift of the stage's output, from its metrics.", default=None)
 
 
 class Progress(ApiModel):
@@ -1113,6 +1128,7 @@ class CycleStatus(ApiModel):
     gates: Literal["Passed", "Failed", "Skipped"] | None = doc("Overall gate verdict.", default=None)
     gate_results: list[GateStatus] = doc("Per-gate verdicts.", default_factory=list, max_length=16)
     promoted: bool = doc("Whether the cycle's adapter was promoted.", default=False)
+    drift: StageDrift | None = doc("Drift of the cycle's adapter (its stage's drift).", default=None)
     message: str | None = doc("Detail (never credentials).", default=None, max_length=4096)
 
 

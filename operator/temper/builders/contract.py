@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from temper.api import contract as c
 from temper.api.run import PostTrainingRun, Stage
@@ -67,6 +66,7 @@ def stage_contract(
     if parent is None and stage.name == continued_stage(run):
         annotation = (run.metadata.get("annotations") or {}).get(PARENT_ADAPTER_ANNOTATION)
         parent = resolve(f"metadata.annotations[{PARENT_ADAPTER_ANNOTATION}]", None, annotation)
+    baseline = _eval_baseline(run, stage, resolve) if stage.type == "eval" and parent is not None else None
     rewards = []
     for i, r in enumerate(stage.rewards):
         model = resolve(f"rewards[{i}]", r.stage, r.adapter) if r.type == "reward-model" else None
@@ -107,6 +107,7 @@ def stage_contract(
         storage=storage_config(run, config),
         output=c.OutputSpec(prefix=output_prefix(spec.storage.uri, stage.name, cycle)),
         parent=parent,
+        baseline=baseline,
         peft=c.PeftSpec.model_validate(stage.peft.model_dump()) if stage.peft else c.PeftSpec(),
         data=stage_data,
         hyperparameters=c.Hyperparameters.model_validate(stage.hyperparameters.model_dump(exclude_none=True))
@@ -133,7 +134,23 @@ def stage_contract(
     )
 
 
+def _eval_baseline(
+    run: PostTrainingRun, stage: Stage, resolve: Callable[[str, str | None, str | None], c.AdapterRef]
+) -> c.AdapterRef | None:
+    """The evaluated stage's own parent: what an eval stage's regression gates compare against.
+
+    None means the base model (the evaluated stage started from it, or is a merge)."""
+    evaluated = next((s for s in run.spec.stages if s.name == stage.from_), None)
+    if evaluated is None:
+        return None
+    if evaluated.from_:
+        return resolve("from", evaluated.from_, None)
+    if evaluated.name == continued_stage(run):
+        annotation = (run.metadata.get("annotations") or {}).get(PARENT_ADAPTER_ANNOTATION)
+        return resolve(f"metadata.annotations[{PARENT_ADAPTER_ANNOTATION}]", None, annotation)
+    return None
+
+
 def spec_hash(contract: c.StageContract) -> str:
     """Hash of what an attempt runs, attempt number excluded: detects spec drift under a running Job."""
-    neutral = contract.model_copy(update={"stage": contract.stage.model_copy(update={"attempt": 1})})
-    return hashlib.sha256(neutral.to_env().encode()).hexdigest()[:16]
+    return contract.contract_hash()[:16]

@@ -173,6 +173,14 @@ def cycle_results(child: Mapping[str, Any]) -> tuple[str | None, dict[str, float
     return adapter, metrics
 
 
+def cycle_drift(child: Mapping[str, Any], adapter: str | None) -> dict[str, Any] | None:
+    """The drift of the stage that produced the cycle's adapter (``status.stages[].drift``)."""
+    for stage in (child.get("status") or {}).get("stages") or []:
+        if adapter and stage.get("adapter") == adapter and stage.get("drift"):
+            return dict(stage["drift"])
+    return None
+
+
 def child_new_data(child: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     names = set(
         filter(
@@ -269,6 +277,9 @@ def plan(
         adapter, metrics = cycle_results(kid)
         report = evaluate(spec.gates, metrics, _baseline(cycles, promoted, book))
         entry.update(state=SUCCEEDED, adapter=adapter, gates=report.outcome)
+        drift = cycle_drift(kid, adapter)
+        if drift:
+            entry["drift"] = drift
         entry["gateResults"] = [r.to_status() for r in report.results]
         for result in report.results:
             if result.forgetting is not None:

@@ -421,8 +421,12 @@ class Runtime:
         # repeats an event on restart instead of losing it (at-least-once).
         for event in p.events:
             await self.kube.emit(run, event)
+        # An eval stage's results go onto what it evaluated before the run says the stage is done.
+        for adapter, evals in p.adapter_evals.items():
+            await self.write_status(ADAPTER_PLURAL, (ns, adapter), {"evals": evals})
         if p.status:
             await self.write_status(RUN_PLURAL, key, p.status)
+        metrics.set_drift(ns, name, (p.status or {}).get("stages") or [])
         for t in p.transitions:
             metrics.STAGE_DURATION.labels(t.stage_type, t.result).observe(t.duration_seconds)
             if t.result == "Failed":
@@ -459,6 +463,7 @@ class Runtime:
         self.progress.pop(key, None)
         metrics.RUN_TALLY.drop(key)
         metrics.set_progress(key[0], key[1], None, None)
+        metrics.set_drift(key[0], key[1], [])
 
     # -- progress ---------------------------------------------------------------------------
     async def poll_progress(self, key: Key) -> None:

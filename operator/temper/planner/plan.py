@@ -6,6 +6,7 @@ messages, Adapters), so a status write lost to a crash is simply recomputed on t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from temper.builders import (
 )
 from temper.builders.names import adapter_name, manifest_uri, output_prefix, progress_uri, service_name
 from temper.config import OperatorConfig
+from temper.continual.cycle import PARENT_LABEL
+from temper.planner.evals import GATE_FAILED, GATES_PASSED, adapter_evals, gate_message, stage_drift, verdicts
 from temper.planner.observed import (
     Observed,
     ObservedJob,
@@ -86,6 +89,7 @@ class Plan:
     transitions: list[StageTransition] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)  # stage types of new retry attempts
     failed_attempts: list[tuple[str, str]] = field(default_factory=list)  # (stage type, reason) retried
+    adapter_evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # Adapter -> status.evals
     phase: str = "Pending"
 
 
@@ -117,9 +121,12 @@ class _StageView:
         ):
             if value is not None:
                 out[key] = value
-        out["metrics"] = dict(self.metrics)
+        out["metrics"] = {k: v for k, v in self.metrics.items() if math.isfinite(v)}  # JSON has no NaN
         if self.topology:
             out["topology"] = dict(self.topology)
+        drift = stage_drift(self.metrics)
+        if drift:
+            out["drift"] = drift
         return out
 
 
@@ -289,6 +296,7 @@ class _StageResult:
     retries: list[str] = field(default_factory=list)
     failed_attempts: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    adapter_evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     requeue: float | None = None
     blocked: tuple[str, str] | None = None  # (reason, message) of a trainer pod that cannot start
     stalled: str | None = None  # an unresolved reference
@@ -352,6 +360,7 @@ def plan(run_obj: dict[str, Any], observed: Observed, now: datetime, config: Ope
         out.retries += r.retries
         out.failed_attempts += r.failed_attempts
         out.events += r.events
+        out.adapter_evals.update(r.adapter_evals)
     requeues = [r.requeue for r in walk.results if r.requeue is not None]
     out.requeue_after = min(requeues) if requeues else None
     out.running = _running_attempt(ctx, walk.running)
@@ -441,12 +450,16 @@ def _plan_stage(
         view.start = parse_time(prev.get("startTime")) or first
         if latest.outcome is None or latest.deleting:
             _active_attempt(ctx, stage, latest, outputs, result, prev)
+        elif latest.outcome == "Complete" and stage.type == "eval":
+            _completed_eval(ctx, stage, latest, outputs, result, prev)
         elif latest.outcome == "Complete":
             _completed_attempt(ctx, stage, latest, outputs, result)
         else:
             _failed_attempt(ctx, stage, jobs, latest, result, prev=prev)
         if view.state == "Succeeded" and prev.get("state") != "Succeeded":
             result.transitions.append(_transition(stage, "Succeeded", jobs, latest, ""))
+        if view.state == "Failed" and latest.outcome == "Complete" and prev.get("state") != "Failed":
+            result.transitions.append(_transition(stage, "Failed", jobs, latest, view.cause or "Failed"))
     if result.next_attempt is not None:
         _next_attempt(ctx, stage, jobs, outputs, result, prev)
     return result
@@ -506,7 +519,7 @@ def _completed_attempt(
     if latest.result is not None:
         view.metrics = dict(latest.result.metrics)
     published = latest.result.manifest_uri if latest.result is not None else None
-    if published is None and (latest.result is None and stage.type != "eval"):
+    if published is None and latest.result is None:
         # pod gone: the manifest's location is deterministic
         published = manifest_uri(output_prefix(ctx.spec.storage.uri, stage.name, cycle))
     if published is None:
@@ -537,6 +550,47 @@ def _completed_attempt(
         view.state, view.message = "Running", f"verifying Adapter {aname}"
     if view.state == "Failed":
         view.completion = latest.finished
+
+
+def _completed_eval(  # noqa: PLR0917 - the stage's inputs, as _plan_stage has them
+    ctx: _Ctx,
+    stage: Stage,
+    latest: ObservedJob,
+    outputs: dict[str, AdapterRef],
+    result: _StageResult,
+    prev: dict[str, Any],
+) -> None:
+    """An eval stage publishes no Adapter: its gates decide it, its results go to the evaluated Adapter.
+
+    In a continual cycle a failed gate only reports: the continual gates block the promotion."""
+    view = result.view
+    view.completion = latest.finished
+    if latest.result is None:  # pod gone: the status already holds the verdict
+        view.state = "Failed" if prev.get("state") == "Failed" else "Succeeded"
+        view.message = prev.get("message")
+        view.cause = GATE_FAILED if view.state == "Failed" else None
+        return
+    view.metrics = dict(latest.result.metrics)
+    view.manifest = latest.result.manifest_uri
+    found = verdicts(latest.result.evals)
+    message = gate_message(found)
+    failed = any(v.outcome == "Failed" for v in found)
+    continual = bool((ctx.run.metadata.get("labels") or {}).get(PARENT_LABEL))
+    view.state = "Failed" if failed and not continual else "Succeeded"
+    view.cause = GATE_FAILED if view.state == "Failed" else None
+    if failed and continual:
+        message += "; in a continual cycle the promotion gates decide"
+    view.message = message or None
+    evaluated = outputs.get(stage.from_) if stage.from_ else None
+    if evaluated is not None and evaluated.name in ctx.observed.adapters:
+        time = format_time(latest.finished)
+        result.adapter_evals[evaluated.name] = adapter_evals(
+            found, run=ctx.name, stage=stage.name, cycle=ctx.observed.cycle, time=time
+        )
+    if message and prev.get("state") not in ("Succeeded", "Failed"):
+        kind: EventType = "Warning" if failed else "Normal"
+        reason = GATE_FAILED if failed else GATES_PASSED
+        result.events.append(Event(kind, reason, f"stage {stage.name}: {message}"))
 
 
 def _failed_attempt(

@@ -2,8 +2,12 @@
 
 Metric keys: ``eval/exact_match`` (+ ``eval/exact_match/<task>``), ``eval/loss``,
 ``eval/preference_accuracy`` for the stage's ``data.eval``; ``suite/<name>/<metric>`` for each
-``contract.suites`` entry. The eval stage also publishes ``eval_results.json``: a list of
-``{"suite", "metric", "value", "maxRegression", "examples"}``.
+``contract.suites`` entry. Each suite with ``maxRegression`` is also measured on the baseline
+(``contract.baseline``: the evaluated adapter's parent, else the base model) in this same stage;
+the operator's gate compares the two. The results (``SuiteResult``: suite, metric, value,
+examples, maxRegression, baseline, baselineSource) go to the StageResult, the manifest and
+``eval_results.json``. The eval stage's artifact is no Adapter: the operator writes the results to
+the evaluated Adapter's ``status.evals``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from temper.api.contract import EvalSuite
+from temper.api.contract import EvalSuite, SuiteResult
 
 from temper_trainer.data import DataError, Record, load_records, record_format
 from temper_trainer.evaluation import (
@@ -50,44 +54,75 @@ def heldout_metrics(
     return metrics
 
 
-def suite_results(
-    ctx: StageContext, model: Any, tokenizer: Any, suites: list[EvalSuite]
-) -> list[dict[str, Any]]:
-    results = []
+def _suite_records(ctx: StageContext, suites: list[EvalSuite]) -> list[list[Record]]:
+    out = []
     for suite in suites:
         try:
-            records = load_records(suite.dataset, ctx.storage)
+            out.append(load_records(suite.dataset, ctx.storage))
         except DataError as exc:
             raise InvalidInput(f"suites[{suite.name}].dataset: {exc}") from exc
-        value = evaluate_metric(
-            model,
-            tokenizer,
-            suite.metric,
-            records,
-            max_new_tokens=ctx.contract.hyperparameters.max_new_tokens,
+    return out
+
+
+def suite_results(
+    ctx: StageContext, model: Any, tokenizer: Any, suites: list[EvalSuite], records: list[list[Record]]
+) -> list[SuiteResult]:
+    max_new = ctx.contract.hyperparameters.max_new_tokens
+    return [
+        SuiteResult(
+            suite=suite.name,
+            metric=suite.metric,
+            value=evaluate_metric(model, tokenizer, suite.metric, recs, max_new_tokens=max_new),
+            examples=len(recs),
+            max_regression=suite.max_regression,
         )
-        results.append(
-            {
-                "suite": suite.name,
-                "metric": suite.metric,
-                "value": value,
-                "maxRegression": suite.max_regression,
-                "examples": len(records),
-            }
-        )
-    return results
+        for suite, recs in zip(suites, records, strict=True)
+    ]
+
+
+def measure_baseline(
+    ctx: StageContext, suites: list[EvalSuite], records: list[list[Record]], results: list[SuiteResult]
+) -> None:
+    """Gated suites on the baseline, in this same stage: the evaluated adapter's parent, else the base.
+
+    An eval of the base model itself (no ``from``) has no baseline: its gates report NoBaseline."""
+    gated = [i for i, s in enumerate(suites) if s.max_regression is not None]
+    if not gated or ctx.contract.parent is None:
+        return
+    model, tokenizer = ctx.load_base_model()  # fresh: PEFT wrapped the first copy in place
+    source = "base model"
+    if ctx.contract.baseline is not None:
+        model = ctx.load_parent(model, trainable=False, ref=ctx.contract.baseline)
+        source = f"adapter {ctx.contract.baseline.name or ctx.contract.baseline.manifest_uri}"
+    model.eval()
+    max_new = ctx.contract.hyperparameters.max_new_tokens
+    for i in gated:
+        value = evaluate_metric(model, tokenizer, suites[i].metric, records[i], max_new_tokens=max_new)
+        results[i] = results[i].model_copy(update={"baseline": value, "baseline_source": source})
 
 
 def evaluate_model(ctx: StageContext, model: Any, tokenizer: Any) -> dict[str, float]:
-    """Held-out metrics for ``data.eval`` plus every suite; also writes eval_results.json."""
+    """Held-out metrics for ``data.eval`` plus every suite; what every training stage reports."""
+    return evaluate_suites(ctx, model, tokenizer, baseline=False)[0]
+
+
+def evaluate_suites(
+    ctx: StageContext, model: Any, tokenizer: Any, *, baseline: bool
+) -> tuple[dict[str, float], list[SuiteResult]]:
+    """Metrics and suite results (eval_results.json); ``baseline``: gated suites on the baseline too."""
     max_new = ctx.contract.hyperparameters.max_new_tokens
     metrics = heldout_metrics(model, tokenizer, ctx.load_dataset("eval"), max_new)
-    results = suite_results(ctx, model, tokenizer, ctx.contract.suites)
+    suites = ctx.contract.suites
+    records = _suite_records(ctx, suites)
+    results = suite_results(ctx, model, tokenizer, suites, records)
+    if baseline:
+        measure_baseline(ctx, suites, records, results)
     for result in results:
-        metrics[f"suite/{result['suite']}/{result['metric']}"] = float(result["value"])
+        metrics[f"suite/{result.suite}/{result.metric}"] = float(result.value)
     if results:
-        (ctx.artifact_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    return metrics
+        body = [r.model_dump(by_alias=True, exclude_none=True) for r in results]
+        (ctx.artifact_dir / "eval_results.json").write_text(json.dumps(body, indent=2))
+    return metrics, results
 
 
 @register_stage("eval")
@@ -100,14 +135,14 @@ def run(ctx: StageContext) -> StageOutcome:
     if not ctx.contract.data.eval and not ctx.contract.suites:
         raise InvalidInput("data.eval / suites: an eval stage needs at least one eval dataset or suite")
     ctx.set_phase("evaluating")
-    metrics = evaluate_model(ctx, model, tokenizer)
+    metrics, results = evaluate_suites(ctx, model, tokenizer, baseline=True)
     (ctx.artifact_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    parent = ctx.contract.parent
     return StageOutcome(
         artifact_dir=ctx.artifact_dir,
         metrics=metrics,
         method=method,
         servable={},
-        lineage={
-            "evaluated": ctx.contract.parent.manifest_uri if ctx.contract.parent else ctx.contract.base_model
-        },
+        lineage={"evaluated": parent.manifest_uri if parent else ctx.contract.base_model},
+        evals=results,
     )
