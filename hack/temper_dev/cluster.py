@@ -79,6 +79,29 @@ def _write_pem(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
+def sign_certificate(
+    subject: Any, issuer: Any, public_key: Any, signing_key: Any, extensions: list[tuple[Any, bool]]
+) -> Any:
+    """An x509 certificate valid from an hour ago for ten years, with ``(extension, critical)``
+    pairs, signed SHA-256 (the cluster PKI here, Kueue's webhook certs in kueue.py)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=3650))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
 def ensure_certificates(pki: Path) -> None:
     """CA, apiserver serving cert, admin client cert and SA signing key; generated once.
 
@@ -87,13 +110,11 @@ def ensure_certificates(pki: Path) -> None:
     if (pki / "done").exists():
         return
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     pki.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    expiry = now + datetime.timedelta(days=3650)
 
     def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         return key.private_bytes(
@@ -104,50 +125,36 @@ def ensure_certificates(pki: Path) -> None:
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "temper-hermetic-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(expiry)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+    ca_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    ca_cert = sign_certificate(
+        ca_name,
+        ca_name,
+        ca_key.public_key(),
+        ca_key,
+        [(x509.BasicConstraints(ca=True, path_length=None), True), (ca_usage, True)],
     )
 
     def leaf(
         name: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None
     ) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(expiry)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
+        extensions: list[tuple[Any, bool]] = [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([usage]), False),
+        ]
         if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
+            extensions.append((x509.SubjectAlternativeName(sans), False))
+        cert = sign_certificate(name, ca_name, key.public_key(), ca_key, extensions)
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
     dns = [
@@ -653,7 +660,7 @@ class Cluster:
                 proc = self._procs.get(name)
                 code = proc.poll() if proc is not None else None
                 how = f" with status {code}" if code is not None else ""
-                tail = _tail(self.log_file(name), 20)
+                tail = tail_log(self.log_file(name), 20)
                 raise ClusterError(
                     f"{name} (pid {pid}) exited during startup{how}; see {self.log_file(name)}:\n{tail}"
                 )
@@ -746,7 +753,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _tail(path: Path, lines: int) -> str:
+def tail_log(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` of a component's log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

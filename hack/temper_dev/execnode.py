@@ -753,11 +753,6 @@ class PodRunner:
             if volume["hostPath"].get("type") in ("DirectoryOrCreate", None, ""):
                 host.mkdir(parents=True, exist_ok=True)
             return host
-        if "persistentVolumeClaim" in volume:
-            claim = volume["persistentVolumeClaim"]
-            if claim.get("readOnly"):
-                self.read_only.add(name)
-            return self.agent.claim_path(self.namespace, claim["claimName"])
         self.read_only.add(name)  # configMap, secret and projected volumes are read-only
         files: dict[str, str] = {}
         if "projected" in volume:
@@ -1022,7 +1017,7 @@ class ExecNodeAgent:
 
     def claim_host_path(self, namespace: str, claim: str) -> Path:
         """The local folder behind a PVC: its bound PV's hostPath (or local) path, as a node
-        would mount it. Read-only mounts are not enforced locally."""
+        would mount it, for both runtimes. Read-only mounts are not enforced here."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -1054,18 +1049,6 @@ class ExecNodeAgent:
             account, meta["namespace"], client.AuthenticationV1TokenRequest(spec=spec)
         )
         return str(answer.status.token)
-
-    def claim_path(self, namespace: str, claim: str) -> Path:
-        """The host dir of a bound PVC's hostPath PV."""
-        pvc = self.core.read_namespaced_persistent_volume_claim(claim, namespace)
-        if pvc.status.phase != "Bound" or not pvc.spec.volume_name:
-            raise PodSpecError(f"persistentVolumeClaim {claim!r} is not bound")
-        pv = self.core.read_persistent_volume(pvc.spec.volume_name)
-        if pv.spec.host_path is None:
-            raise PodSpecError(f"PersistentVolume {pv.metadata.name}: only hostPath volumes are supported")
-        path = Path(pv.spec.host_path.path)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
 
     def peers(self, pod: Pod) -> list[str]:
         """Hostnames of the pods under this pod's subdomain (for their DNS names)."""

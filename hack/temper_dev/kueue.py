@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -34,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from temper_dev.cluster import Cluster, ClusterError, free_port
+from temper_dev.cluster import Cluster, ClusterError, free_port, sign_certificate, tail_log
 
 KUEUE_VERSION = "v0.17.0"
 NAMESPACE = "kueue-system"
@@ -62,44 +61,38 @@ def default_kueue_dir() -> Path:
 def webhook_certificates(out: Path) -> dict[str, bytes]:
     """RSA CA (cert-controller parses its key as PKCS#1) and a serving cert for DNS and 127.0.0.1."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-    expiry = now + datetime.timedelta(days=3650)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(expiry)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(CA_NAME)]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    ca = sign_certificate(
+        ca_name,
+        ca_name,
+        ca_key.public_key(),
+        ca_key,
+        [
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (x509.SubjectAlternativeName([x509.DNSName(CA_NAME)]), False),
+        ],
     )
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     dns = f"{SERVICE}.{NAMESPACE}.svc"
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(expiry)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = sign_certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]),
+        ca_name,
+        key.public_key(),
+        ca_key,
+        [
+            (
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(dns), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                False,
             ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
     )
     pem = serialization.Encoding.PEM
     files = {
@@ -297,7 +290,7 @@ class Kueue:
             if self.proc is not None and self.proc.poll() is not None:
                 code = self.proc.returncode
                 raise ClusterError(
-                    f"Kueue manager exited {code}; see {self.log_file}:\n{_tail(self.log_file)}"
+                    f"Kueue manager exited {code}; see {self.log_file}:\n{tail_log(self.log_file)}"
                 )
             result = self.cluster.kubectl(
                 "create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False
@@ -307,7 +300,7 @@ class Kueue:
             last = result.stderr.strip()
             if time.monotonic() > deadline:
                 raise ClusterError(
-                    f"Kueue webhooks never answered: {last}; see {self.log_file}:\n{_tail(self.log_file)}"
+                    f"Kueue webhooks never answered: {last}; see {self.log_file}:\n{tail_log(self.log_file)}"
                 )
             time.sleep(0.3)
 
@@ -321,13 +314,6 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter as _Tally
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from temper import __version__ as _version
+from temper.api.contract import StageType
 
 RUN_STATES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+STAGE_TYPES: tuple[str, ...] = get_args(StageType)
+STAGE_RESULTS = ("Succeeded", "Failed")  # planner.plan.StageTransition.result
+# adapters.failure_reason's vocabulary.
+VERIFICATION_REASONS = (
+    "ManifestMissing",
+    "ManifestInvalid",
+    "FileMissing",
+    "SizeMismatch",
+    "Sha256Mismatch",
+    "ReadError",
+)
 
 RUNS = Gauge("temper_runs", "PostTrainingRuns per state.", ["state"])
 STAGE_DURATION = Histogram(
@@ -62,8 +74,16 @@ VERIFICATION_FAILURES = Counter(
 )
 BUILD_INFO = Gauge("temper_build_info", "Always 1; the operator's version.", ["version"])
 BUILD_INFO.labels(_version).set(1)
+# Known label values start at 0, as client libraries advise: increase() and
+# histogram_quantile() then see a stage's first result and panels show 0, not "No data".
 for _state in RUN_STATES:
     RUNS.labels(_state).set(0)
+for _type in STAGE_TYPES:
+    STAGE_RETRIES.labels(_type)
+    for _result in STAGE_RESULTS:
+        STAGE_DURATION.labels(_type, _result)
+for _reason in VERIFICATION_REASONS:
+    VERIFICATION_FAILURES.labels(_reason)
 
 
 class StateTally:

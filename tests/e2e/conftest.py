@@ -7,7 +7,7 @@ content-hash check when they are current, so running pytest directly never tests
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from temper_dev.incluster import HelmOperator, build_images
 from temper_dev.s3server import S3Server
 
 from tests.fixtures.operator import install_crds
+from tests.fixtures.prometheus import Monitoring
 
 # The intervals of tests/fixtures/operator.py, so in-cluster tests are as quick.
 FAST_ENV = {
@@ -64,3 +65,13 @@ def helm_operator(
         yield operator
     finally:
         operator.uninstall()
+
+
+@pytest.fixture
+def helm_monitoring(monitor_factory: Callable[..., Monitoring], helm_operator: HelmOperator) -> Monitoring:
+    """A real Prometheus scraping the Helm-installed operator's pod (ServiceMonitor) and the
+    trainer pods (PodMonitor). Stuck window 5m: a loaded 2-core machine may sit minutes in one
+    eval pass, whose progress moves only at its end (the chart's default is 30m)."""
+    pod = helm_operator.pod()
+    assert pod is not None, helm_operator.describe()
+    return monitor_factory(helm_operator, stage_stuck_for="5m", pod=pod.metadata.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -46,20 +47,27 @@ def fill(expr: str, values: dict[str, str]) -> str:
     return expr
 
 
-def panel_data(mon: Monitoring, since: float) -> dict[str, bool]:
-    """Panel title -> whether any of its queries returned a sample since ``since`` (a range
-    query over the test's span, as the dashboard's time picker would ask)."""
+def panel_peaks(mon: Monitoring, since: float) -> dict[str, float | None]:
+    """Panel title -> the largest value any of its queries returned since ``since`` (a range
+    query over the test's span, as the dashboard's time picker would ask), or None for "No data".
+    NaN counts as no data: a histogram_quantile over buckets that never moved draws nothing."""
     values = template_values(mon)
-    out = {}
+    out: dict[str, float | None] = {}
     for title, exprs in panels():
-        out[title] = any(
-            any(
-                series["values"]
-                for series in mon.prometheus.query_range(fill(e, values), since, time.time(), "2s")
-            )
+        finite = [
+            float(v)
             for e in exprs
-        )
+            for series in mon.prometheus.query_range(fill(e, values), since, time.time(), "2s")
+            for _, v in series["values"]
+            if math.isfinite(float(v))
+        ]
+        out[title] = max(finite) if finite else None
     return out
+
+
+def panel_data(mon: Monitoring, since: float) -> dict[str, bool]:
+    """Panel title -> whether any of its queries returned a finite sample since ``since``."""
+    return {title: peak is not None for title, peak in panel_peaks(mon, since).items()}
 
 
 def alert_states(mon: Monitoring) -> dict[str, str]:
@@ -96,3 +104,34 @@ def wait_target_up(mon: Monitoring, job_prefix: str, timeout: float = 30) -> dic
                 return dict(target)
         time.sleep(0.3)
     raise AssertionError(f"no healthy {job_prefix} target: {mon.prometheus.targets()}")
+
+
+# Panels a successful quickstart (one run, no failures, no continual learning) cannot fill,
+# and why; test_continual fills them. (Failure panels draw pre-created 0s here and count real
+# failures in test_prometheus_alerts.)
+NO_DATA_AFTER_QUICKSTART = {
+    "Forgetting per suite": "per-run series of spec.continual runs only",
+    "Gate failures by suite": "a blocked continual promotion; suites are user-defined, so no 0 series",
+    "Generation per run": "per-run series of spec.continual runs only",
+}
+
+
+def settled_peaks(mon: Monitoring, since: float, timeout: float = 30) -> dict[str, float | None]:
+    """panel_peaks once every panel outside NO_DATA_AFTER_QUICKSTART has data (the last stage's
+    result lands in the scrape after the run finished), or at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        peaks = panel_peaks(mon, since)
+        missing = {t for t, p in peaks.items() if p is None} - set(NO_DATA_AFTER_QUICKSTART)
+        if not missing or time.monotonic() > deadline:
+            return peaks
+        time.sleep(1)
+
+
+def trainer_targets(mon: Monitoring, namespace: str) -> set[tuple[str, str, str, str]]:
+    """(job, run, stage, pod) of every trainer pod Prometheus scraped since the monitor started."""
+    query = f'temper_trainer_step{{namespace="{namespace}"}}'
+    return {
+        (m["job"], m.get("run", ""), m.get("stage", ""), m.get("pod", ""))
+        for m in (s["metric"] for s in mon.prometheus.query_range(query, mon.started, time.time(), "1s"))
+    }

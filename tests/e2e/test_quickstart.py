@@ -22,6 +22,15 @@ from temper_dev.incluster import OPERATOR_IMAGE, TRAINER_IMAGE, HelmOperator
 from temper_dev.s3server import S3Server
 
 from tests.cluster.test_operator_pipeline import Api, wait_for
+from tests.e2e.prometheus_checks import (
+    NO_DATA_AFTER_QUICKSTART,
+    alert_states,
+    alerts_fired_since,
+    settled_peaks,
+    template_values,
+    trainer_targets,
+)
+from tests.fixtures.prometheus import RELEASE, Monitoring
 
 # Room for a loaded 2-core machine (13.5 min measured at load ~24; ~1-2 min idle): not a goal.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -72,6 +81,7 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     s3_secret: str,
     tiny_model: Path,
     tmp_path: Path,
+    helm_monitoring: Monitoring,
 ) -> None:
     operator = helm_operator
     api = Api(cluster, namespace)
@@ -169,3 +179,23 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     )
     assert ready_adapters >= 2, metric_samples(text, "temper_adapters")
     assert "forbidden" not in operator.log().lower()
+
+    # --- Monitoring (issue 15): a real Prometheus scraped the operator pod and the trainer pods
+    # with the chart's ServiceMonitor/PodMonitor and evaluated its PrometheusRule all along.
+    mon = helm_monitoring
+    assert template_values(mon)["namespace"] == namespace
+    peaks = settled_peaks(mon, mon.started)
+    empty = {title for title, peak in peaks.items() if peak is None}
+    print("quickstart dashboard:", peaks)
+    assert empty == set(NO_DATA_AFTER_QUICKSTART), peaks
+    # Every stage pod was scraped, labelled by the PodMonitor's relabelings.
+    scraped = trainer_targets(mon, namespace)
+    assert {(job, run, stage) for job, run, stage, _ in scraped} == {
+        (f"{namespace}/{RELEASE}-trainers", name, s["name"]) for s in status["stages"]
+    }, scraped
+    assert {pod for *_, pod in scraped} <= {p.metadata.name for p in api.pods(name)}, scraped
+    (up,) = mon.prometheus.query(f'up{{job="{RELEASE}-metrics", namespace="{namespace}"}}')
+    assert (up["metric"]["pod"], up["value"][1]) == (op_pod.metadata.name, "1"), up
+    # Nothing fired, or is about to, during or after a run that went well.
+    assert alerts_fired_since(mon, mon.started) == {}, mon.prometheus.alerts()
+    assert alert_states(mon) == {}, mon.prometheus.alerts()

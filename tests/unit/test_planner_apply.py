@@ -129,6 +129,31 @@ def test_failed_verification_names_the_file_and_reason() -> None:
     assert failure_reason("manifest.json: cannot read s3://b/k: EndpointConnectionError") == "ReadError"
 
 
+def test_known_label_values_are_exported_at_zero_before_any_event() -> None:
+    """Pre-created series let increase()/histogram_quantile() see the first event (a panel shows
+    0, not "No data"); the vocabulary they come from is the one failure_reason speaks."""
+    from prometheus_client import REGISTRY
+    from temper import metrics
+
+    problems = [
+        "manifest.json: cannot read s3://b/k: NoSuchKey",
+        "manifest.json: not a valid manifest",
+        "attempts/1/a.safetensors: missing",
+        "attempts/1/a.safetensors: size 3 != 4",
+        "attempts/1/a.safetensors: sha256 mismatch",
+        "manifest.json: cannot read s3://b/k: EndpointConnectionError",
+    ]
+    assert sorted(failure_reason(p) for p in problems) == sorted(metrics.VERIFICATION_REASONS)
+    for reason in metrics.VERIFICATION_REASONS:
+        sample = REGISTRY.get_sample_value("temper_adapter_verification_failures_total", {"reason": reason})
+        assert sample is not None, reason
+    for stage_type in ("sft", "dpo", "eval", "merge"):
+        assert REGISTRY.get_sample_value("temper_stage_retries_total", {"stage_type": stage_type}) is not None
+        for result in ("Succeeded", "Failed"):
+            labels = {"stage_type": stage_type, "result": result, "le": "+Inf"}
+            assert REGISTRY.get_sample_value("temper_stage_duration_seconds_bucket", labels) is not None
+
+
 def test_verification_runs_once_per_generation_and_retries_read_errors() -> None:
     assert needs_verification(_adapter())
     verified = {
