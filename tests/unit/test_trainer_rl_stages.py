@@ -118,7 +118,7 @@ RESUMABLE: dict[str, tuple[dict[str, Any], str, str]] = {
             "hyperparameters": {"maxSteps": 6, "batchSize": 8, "numGenerations": 4, "maxNewTokens": 4},
         },
         "adapter_model.safetensors",
-        "eval/reward_before",
+        "train/greedy_reward_before",
     ),
     "reward-model": (
         {
