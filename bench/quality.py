@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -60,16 +61,21 @@ def measures(run: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _num(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
 def table(rows: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key in rows[0]:
-        values = [r[key] for r in rows]
+        seeds = [r[key] for r in rows]
+        values = [v for v in seeds if math.isfinite(v)] or [math.nan]  # a ratio of a zero: undefined
         out[key] = {
-            "per_seed": [round(v, 4) for v in values],
-            "mean": round(statistics.fmean(values), 4),
-            "min": round(min(values), 4),
-            "max": round(max(values), 4),
-            "stdev": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "per_seed": [round(v, 4) if math.isfinite(v) else None for v in seeds],
+            "mean": _num(statistics.fmean(values)),
+            "min": _num(min(values)),
+            "max": _num(max(values)),
+            "stdev": _num(statistics.stdev(values)) if len(values) > 1 else 0.0,
             **({"goal": GOALS[key]} if key in GOALS else {}),
         }
     return out
@@ -82,7 +88,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--sft-steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--rows", type=Path, help="re-tabulate the per-seed JSON lines of an earlier run")
     args = parser.parse_args()
+    if args.rows:
+        lines = [json.loads(x) for x in args.rows.read_text().splitlines() if x.startswith('{"seed"')]
+        rows = [{k: float(v) for k, v in r.items() if k != "seed"} for r in lines]
+        result = {"seeds": [r["seed"] for r in lines], "heldout_items": 150, "table": table(rows)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     import torch
 
     torch.set_num_threads(1)  # tiny models train fastest on one thread; two spin-wait on 2 cores
