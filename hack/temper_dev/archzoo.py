@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = "archzoo-v1"  # bump when a config, the corpus or the tokenizer recipe changes
+RECIPE_VERSION = "archzoo-v2"  # bump when a config, the corpus or the tokenizer recipe changes
 VOCAB_SIZE = 480
 WIDTH = {
     "hidden_size": 64,

@@ -134,16 +134,26 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
         verified = storage.verify_manifest(stage["manifestUri"])
         assert verified.ok, f"{stage['name']}: {verified.problems}"
 
-    # Training really worked: SFT beats the untrained base on the held-out suite, DPO learned the
-    # preferences, and the eval stage's suite number is in status for the regression gate.
+    # Every number is on held-out problems (issue 16: unique, never trained on, never in the tiny
+    # model's pretraining). SFT on them teaches the format, not multi-digit addition (bench/quality.py:
+    # +2.7 points exact match): the stage's own baseline is the untrained base in the same format,
+    # the held-out loss falls, exact match does not drop, and DPO reports held-out accuracy.
     metrics = {s["name"]: s.get("metrics") or {} for s in status["stages"]}
     heldout = next(d for d in body["spec"]["datasets"] if d["name"] == "arith-heldout")
     base_em = base_exact_match(tiny_model, heldout["uri"], heldout["format"])
-    sft_em = metrics["sft"]["eval/exact_match"]
-    suite_em = metrics["regress"]["suite/arith/exact_match"]
-    print(f"quickstart: base EM {base_em:.2f}, SFT EM {sft_em:.2f}, after DPO {suite_em:.2f}")
-    assert sft_em >= base_em + 0.3, metrics
-    assert suite_em >= base_em + 0.3, metrics
+    sft = metrics["sft"]
+    sft_em = sft["eval/exact_match"]
+    suite_em = metrics["regress"]["suite/arith-em/exact_match"]
+    suite_loss = metrics["regress"]["suite/arith/loss"]
+    print(f"quickstart: base EM {base_em:.2f}, SFT EM {sft_em:.2f}, after DPO {suite_em:.2f}; {metrics}")
+    assert sft["eval/exact_match_before"] == pytest.approx(base_em)
+    assert sft_em >= base_em, metrics
+    assert sft["eval/loss"] < 3.0, metrics  # the base model's held-out loss: 5.13
+    assert "eval/exact_match_pretrain_format_before" in sft
+    assert sft["drift/kl_to_base"] > 0
+    align = metrics["align"]
+    assert "eval/preference_accuracy" in align, align  # held out, not the training pairs
+    assert align["drift/kl_to_parent"] >= 0
     assert metrics["align"]["train/steps"] > 0
 
     # The eval stage's gate compared DPO's output with its parent (SFT), measured in the same stage,
@@ -154,11 +164,13 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     print(f"quickstart gate: {regress.get('message')}")
     assert arith["outcome"] == "Passed", (arith, regress)
     assert arith["baselineSource"] == f"adapter {status['stages'][0]['adapter']}"
-    assert arith["value"] == suite_em
+    assert arith["value"] == suite_loss
+    assert evals["arith-em"]["outcome"] == "Reported" and evals["arith-em"]["value"] == suite_em
     assert arith["maxRegression"] == suite["maxRegression"]
     assert (arith["run"], arith["stage"], arith["cycle"]) == (name, "regress", 1)
     assert arith["time"] == regress["completionTime"]
-    assert regress["message"].startswith("regression gates passed: suite arith exact_match: baseline")
+    assert regress["message"].startswith("regression gates passed:"), regress
+    assert "suite arith loss: baseline" in regress["message"], regress
     assert "RegressionGatesPassed" in [e.reason for e in api.events(name)]
     lineage = adapters[status["stages"][1]["adapter"]]["status"]["lineage"]
     assert "arith-prefs" in {d["name"] for d in lineage["datasets"]}, lineage  # DPO lists its data

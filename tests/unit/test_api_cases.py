@@ -244,16 +244,16 @@ INVALID_CASES: list[Case] = [
     _run("merge-density-with-linear", "stages.5.merge.method", "linear", "stages[5].merge", "density"),
     # hyperparameters a stage type would ignore (STAGE_HYPERPARAMETERS), TRL's typed knobs
     Case(
-        "synthetic-preferences-max-steps-and-beta",
+        "synthetic-preferences-num-iterations-and-beta",
         "PostTrainingRun",
-        _synthetic_preferences_with({"maxSteps": 30, "beta": 0.1}),
-        ("stages[3]", "hyperparameters.beta", "synthetic-preferences"),
+        _synthetic_preferences_with({"numIterations": 2, "beta": 0.1}),
+        ("stages[3]", "hyperparameters.numIterations", "synthetic-preferences"),
     ),
     Case(
-        "synthetic-preferences-max-steps",
+        "synthetic-preferences-packing",
         "PostTrainingRun",
-        _synthetic_preferences_with({"maxSteps": 30, "numGenerations": 4}),
-        ("stages[3]", "hyperparameters.maxSteps", "only sft, dpo, grpo, reward-model stages use it"),
+        _synthetic_preferences_with({"maxSteps": 30, "packing": True}),
+        ("stages[3]", "hyperparameters.packing", "only sft stages use it"),
     ),
     _run(
         "beta-on-reward-model", "stages.2.hyperparameters", {"beta": 0.1}, "stages[2]", "hyperparameters.beta"

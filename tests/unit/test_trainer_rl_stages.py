@@ -27,7 +27,7 @@ ARITH_PREFS_HELDOUT = {
 
 
 # -- dpo -------------------------------------------------------------------------------------
-def test_dpo_raises_heldout_preference_accuracy_to_90_percent(rl: RlStages) -> None:
+def test_dpo_learns_its_pairs_and_reports_heldout_accuracy(rl: RlStages) -> None:
     from peft import PeftModel
     from temper_trainer.data import builtin_records
     from temper_trainer.evaluation import preference_accuracy
@@ -44,8 +44,15 @@ def test_dpo_raises_heldout_preference_accuracy_to_90_percent(rl: RlStages) -> N
     code, result = rl.run(doc)
     assert code == EXIT_OK, result
     metrics = result["metrics"]
+    print(metrics)
     assert metrics["eval/preference_accuracy_before"] < 0.8  # the base model has no such preference
-    assert metrics["eval/preference_accuracy"] >= 0.9
+    # Held-out pairs are unseen sums (issue 16): telling 55 from 57 needs the sum, which the tiny
+    # model does not know (bench/quality.py: ~0.50 held out). Measured here: 0.48 -> 0.46 held out,
+    # 0.68 on its own training pairs: DPO fits the pairs it saw, and the held-out number is the one
+    # reported under eval/ (the old 0.9 goal held only on leaked items).
+    assert "train/preference_accuracy" not in metrics
+    assert 0.0 <= metrics["eval/preference_accuracy"] <= 1.0
+    assert metrics["drift/kl_to_base"] > 0
     manifest = rl.published(result)
     assert manifest["stageType"] == "dpo"
     assert manifest["method"] == "lora"
@@ -58,6 +65,9 @@ def test_dpo_raises_heldout_preference_accuracy_to_90_percent(rl: RlStages) -> N
     assert preference_accuracy(model, tokenizer, held_out) == pytest.approx(
         metrics["eval/preference_accuracy"]
     )
+    trained = preference_accuracy(model, tokenizer, builtin_records(ARITH_PREFS["uri"], "preference"))
+    assert trained >= 0.6
+    assert trained >= metrics["eval/preference_accuracy"] + 0.1  # the gap an honest split exposes
 
 
 def test_dpo_rejects_data_that_is_not_preference_pairs(rl: RlStages) -> None:
@@ -118,7 +128,7 @@ RESUMABLE: dict[str, tuple[dict[str, Any], str, str]] = {
             "hyperparameters": {"maxSteps": 6, "batchSize": 8, "numGenerations": 4, "maxNewTokens": 4},
         },
         "adapter_model.safetensors",
-        "eval/reward_before",
+        "train/greedy_reward_before",
     ),
     "reward-model": (
         {

@@ -66,8 +66,8 @@ def continual_forgetting(
 ) -> dict[str, Any]:
     """Forgetting on A (arith) and gain on B (subtract) for each replay ratio."""
     evals = [
-        {"name": "arith-eval", "uri": "builtin://arith?n=20&split=eval", "format": "chat"},
-        {"name": "subtract-eval", "uri": "builtin://subtract?n=11&split=eval", "format": "chat"},
+        {"name": "arith-eval", "uri": "builtin://arith?n=100&split=eval", "format": "chat"},
+        {"name": "subtract-eval", "uri": "builtin://subtract?n=100&split=eval", "format": "chat"},
     ]
     arith = {"name": "arith", "uri": f"builtin://arith?n={n}", "format": "chat"}
     subtract = {"name": "subtract", "uri": f"builtin://subtract?n={n}", "format": "chat"}
@@ -113,3 +113,159 @@ def continual_forgetting(
             "gain_b_loss": round(b_loss_before - metrics["eval/loss/subtract"], 4),
         }
     return result
+
+
+def _stage(
+    endpoint: str, prefix: str, name: str, stage_type: str, seed: int, **fields: Any
+) -> dict[str, float]:
+    data = fields.pop("data")
+    extra = {k: v for k, v in data.items() if k not in ("train", "eval")}
+    if extra:  # replay, curriculum: merged into the contract's data
+        fields["data"] = extra
+    return run_contract(
+        _contract(
+            endpoint,
+            prefix,
+            name,
+            data["train"],
+            data.get("eval", []),
+            stage={"name": name, "type": stage_type},
+            seed=seed,
+            **fields,
+        )
+    )
+
+
+def _builtin(task: str, n: int, seed: int, split: str, fmt: str) -> dict[str, Any]:
+    return {
+        "name": f"{task}-{split}-{fmt}",
+        "uri": f"builtin://{task}?n={n}&seed={seed}&split={split}",
+        "format": fmt,
+        "task": task,
+    }
+
+
+def quality(
+    endpoint: str, prefix: str, seed: int, *, sft_steps: int = 100, heldout: int = 150
+) -> dict[str, Any]:
+    """One seed of ``bench/quality.py``: every number on held-out problems no stage trained on (nor
+    the tiny model's pretraining), each stage run through the trainer's real entry point."""
+    prefix = f"{prefix.rstrip('/')}/seed-{seed}"
+    s = seed * 10
+    arith_eval = _builtin("arith", heldout, s + 1, "eval", "prompt-completion")
+    sub_eval = _builtin("subtract", heldout, s + 2, "eval", "prompt-completion")
+    sft = _stage(
+        endpoint,
+        prefix,
+        "sft",
+        "sft",
+        seed,
+        data={
+            "train": [_builtin("arith", 400, s + 3, "train", "prompt-completion")],
+            "eval": [arith_eval, sub_eval],
+        },
+        hyperparameters={"maxSteps": sft_steps, "maxLength": 32},
+    )
+    parent = {"manifestUri": f"{prefix}/sft/manifest.json"}
+    prefs = {
+        "train": [_builtin("arith", 200, s + 4, "train", "preference")],
+        "eval": [_builtin("arith", heldout, s + 5, "eval", "preference")],
+    }
+    dpo = _stage(
+        endpoint,
+        prefix,
+        "dpo",
+        "dpo",
+        seed,
+        data=prefs,
+        parent=parent,
+        hyperparameters={"maxSteps": 40, "learningRate": 3e-4, "batchSize": 8, "beta": 0.1, "maxLength": 32},
+    )
+    grpo = _stage(
+        endpoint,
+        prefix,
+        "grpo",
+        "grpo",
+        seed,
+        parent=parent,
+        data={
+            "train": [_builtin("arith", 200, s + 6, "train", "prompt")],
+            "eval": [_builtin("arith", 64, s + 7, "eval", "prompt")],
+        },
+        rewards=[{"type": "exact-match"}],
+        hyperparameters={
+            "maxSteps": 20,
+            "batchSize": 32,
+            "numGenerations": 8,
+            "maxNewTokens": 6,
+            "learningRate": 1e-4,
+            "temperature": 1.0,
+        },
+    )
+    rm = _stage(
+        endpoint,
+        prefix,
+        "rm",
+        "reward-model",
+        seed,
+        data=prefs,
+        hyperparameters={"maxSteps": 40, "learningRate": 3e-3, "batchSize": 16, "maxLength": 32},
+    )
+    continual = _continual(endpoint, prefix, seed, parent, [arith_eval, sub_eval], steps=sft_steps)
+    return {
+        "sft": {
+            "base_exact_match": sft["eval/exact_match_before"],
+            "base_exact_match_pretrain_format": sft["eval/exact_match_pretrain_format_before"],
+            "exact_match": sft["eval/exact_match/arith"],
+            "gain": sft["eval/exact_match/arith"] - sft["eval/exact_match_before"],
+            "drift_kl_to_base": sft["drift/kl_to_base"],
+        },
+        "dpo": {
+            "accuracy_before": dpo["eval/preference_accuracy_before"],
+            "accuracy": dpo["eval/preference_accuracy"],
+        },
+        "grpo": {
+            "reward_before": grpo["eval/reward_before"],
+            "reward": grpo["eval/reward"],
+            "gain": grpo["eval/reward"] - grpo["eval/reward_before"],
+        },
+        "reward_model": {"accuracy_before": rm["eval/accuracy_before"], "accuracy": rm["eval/accuracy"]},
+        "continual": {
+            **continual,
+            "after_a": sft["eval/exact_match/arith"],
+            "b_before": sft["eval/exact_match/subtract"],
+        },
+    }
+
+
+def _continual(
+    endpoint: str, prefix: str, seed: int, parent: dict[str, str], evals: list[dict[str, Any]], *, steps: int
+) -> dict[str, float]:
+    """Task B (subtract) from task A's adapter, without and with 10% replay of A."""
+    s = seed * 10
+    out: dict[str, float] = {}
+    for ratio in (0.0, 0.1):
+        data: dict[str, Any] = {
+            "train": [_builtin("subtract", 400, s + 8, "train", "prompt-completion")],
+            "eval": evals,
+        }
+        if ratio:
+            data["replay"] = {
+                "ratio": ratio,
+                "datasets": [_builtin("arith", 400, s + 3, "train", "prompt-completion")],
+                "seed": seed,
+            }
+        m = _stage(
+            endpoint,
+            prefix,
+            f"b-replay-{int(ratio * 100)}",
+            "sft",
+            seed,
+            data=data,
+            parent=parent,
+            hyperparameters={"maxSteps": steps, "maxLength": 32},
+        )
+        key = f"replay_{int(ratio * 100)}"
+        out[f"{key}_arith"] = m["eval/exact_match/arith"]
+        out[f"{key}_subtract"] = m["eval/exact_match/subtract"]
+    return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from temper.api.contract import RewardSpec
+from temper.api.contract import AdapterRef, RewardSpec
 
 from temper_trainer.evaluation import normalize
 from temper_trainer.stage import InvalidInput
@@ -209,12 +209,15 @@ def build_rewards(ctx: StageContext) -> RewardSet:
             fns.append(length_reward(int(spec.target_length or 1)))
         else:
             assert spec.model is not None  # validate_reward_specs
-            folder = ctx.fetch_adapter(spec.model)
-            try:
-                model, tokenizer = load_reward_model(folder, ctx.storage, ctx.device)
-            except (OSError, ValueError, KeyError) as exc:
-                raise InvalidInput(f"rewards[{i}].model ({spec.model.manifest_uri}): {exc}") from exc
-            fns.append(
-                reward_model_scorer(model, tokenizer, ctx.device, ctx.contract.hyperparameters.max_length)
-            )
+            fns.append(published_scorer(ctx, spec.model, f"rewards[{i}].model"))
     return RewardSet(specs, fns)
+
+
+def published_scorer(ctx: StageContext, ref: AdapterRef, where: str) -> ScoreFn:
+    """A published reward model as a scorer (rewards, and the eval suites' ``judge``)."""
+    folder = ctx.fetch_adapter(ref)
+    try:
+        model, tokenizer = load_reward_model(folder, ctx.storage, ctx.device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"{where} ({ref.manifest_uri}): {exc}") from exc
+    return reward_model_scorer(model, tokenizer, ctx.device, ctx.contract.hyperparameters.max_length)

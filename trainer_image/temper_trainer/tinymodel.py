@@ -1,22 +1,26 @@
 """``builtin://tiny``: a small Llama built deterministically here, so tests and the demo run offline.
 
 A character-level tokenizer (``tokenizers`` WordLevel, wrapped in ``PreTrainedTokenizerFast``)
-with a chat template and pad/bos/eos tokens, plus a 3-layer Llama briefly pretrained on
-``temper_trainer.data.pretraining_corpus``: it learns addition and reversal in raw text, never the
-``builtin://`` task prompts, so SFT has something measurable to teach. One thread, fixed seeds:
-the same weights every build. Cached under ``$TEMPER_MODEL_CACHE`` (default
-``~/.cache/temper/models``) behind a file lock, keyed by the recipe's version.
+with a chat template and pad/bos/eos tokens, plus a small Llama briefly pretrained on
+``temper_trainer.data.pretraining_corpus``: the builtin tasks' *training* problems in raw text
+(``"47+38 is 85."``), never an eval problem and never the ``builtin://`` prompt formats, so SFT
+has something measurable to teach. One thread, fixed seeds: the same weights every build. Cached
+under ``$TEMPER_MODEL_CACHE`` (default ``~/.cache/temper/models``) behind a file lock, keyed by
+:func:`recipe_version`: a hash of this file and of the corpus itself, so any change to the recipe
+or to the tasks builds a new model instead of reusing a stale one.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = "tiny-v3"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 CHARS = " 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-*/=.,:;!?'\"()[]_#\n"
@@ -24,8 +28,20 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-PRETRAIN_STEPS = 600
-PRETRAIN_BATCH = 32
+PRETRAIN_STEPS = 800
+PRETRAIN_BATCH = 128  # per-step overhead dominates on CPU: wide batches are nearly free
+PRETRAIN_LR = 5e-3
+SEED = 1234
+
+
+@functools.cache
+def recipe_version() -> str:
+    """``tiny-<hash>``: this file's source and the pretraining corpus, hashed."""
+    from temper_trainer.data import pretraining_corpus
+
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update("\n".join(pretraining_corpus(PRETRAIN_STEPS * PRETRAIN_BATCH, SEED)).encode())
+    return f"tiny-{digest.hexdigest()[:12]}"
 
 
 def model_cache_dir() -> Path:
@@ -85,7 +101,7 @@ def _pretrain_texts(tokenizer: Any, n: int, seed: int) -> list[str]:
     return texts
 
 
-def build_tiny_model(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = 1234) -> dict[str, float]:
+def build_tiny_model(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = SEED) -> dict[str, float]:
     """Build tokenizer + pretrained weights into ``out_dir``; returns build stats."""
     import torch
     from transformers import LlamaForCausalLM
@@ -98,9 +114,9 @@ def build_tiny_model(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = 
         tokenizer = build_tokenizer()
         model = LlamaForCausalLM(build_config(len(tokenizer)))
         texts = _pretrain_texts(tokenizer, steps * PRETRAIN_BATCH, seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1
+            optimizer, max_lr=PRETRAIN_LR, total_steps=steps, pct_start=0.1
         )
         model.train()
         loss = torch.tensor(0.0)
@@ -121,7 +137,7 @@ def build_tiny_model(out_dir: Path, *, steps: int = PRETRAIN_STEPS, seed: int = 
     finally:
         torch.set_num_threads(threads)
     stats = {"seconds": round(time.monotonic() - started, 2), "final_loss": round(float(loss.detach()), 4)}
-    (out_dir / "build.json").write_text(__import__("json").dumps({"recipe": RECIPE_VERSION, **stats}))
+    (out_dir / "build.json").write_text(json.dumps({"recipe": recipe_version(), **stats}))
     return stats
 
 
@@ -129,18 +145,19 @@ def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """The cached tiny model's folder, built once (other processes wait on the lock)."""
     from filelock import FileLock
 
-    baked = Path(os.environ.get("TEMPER_BAKED_MODELS") or "/nonexistent") / RECIPE_VERSION
+    version = recipe_version()
+    baked = Path(os.environ.get("TEMPER_BAKED_MODELS") or "/nonexistent") / version
     if cache_dir is None and (baked / "build.json").exists():
         return baked  # the image's read-only copy: nothing to build or lock
     root = cache_dir or model_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / RECIPE_VERSION
+    target = root / version
     if (target / "build.json").exists():
         return target
-    with FileLock(str(root / f"{RECIPE_VERSION}.lock")):
+    with FileLock(str(root / f"{version}.lock")):
         if (target / "build.json").exists():
             return target
-        staging = root / f"{RECIPE_VERSION}.building-{os.getpid()}"
+        staging = root / f"{version}.building-{os.getpid()}"
         build_tiny_model(staging)
         staging.rename(target)  # atomic: readers see a complete folder or none
     return target

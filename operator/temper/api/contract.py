@@ -154,6 +154,8 @@ class Hyperparameters(_Strict):
     num_iterations: int = Field(1, alias="numIterations", ge=1, le=64)  # grpo: updates per generation
     # Gradient clipping (TRL's max_grad_norm); 0 disables it.
     max_grad_norm: float = Field(1.0, alias="maxGradNorm", ge=0)
+    # synthetic-preferences: a pair is kept only when the teacher's scores differ by at least this
+    min_margin: float = Field(0.0, alias="minMargin", ge=0)
 
 
 class RewardSpec(_Strict):
@@ -166,19 +168,31 @@ class RewardSpec(_Strict):
     model: AdapterRef | None = None  # reward-model
 
 
-class EvalSuite(_Strict):
-    name: str
-    dataset: DatasetSpec
-    metric: Literal["exact_match", "loss", "perplexity", "preference_accuracy", "distinct_n"]
-    max_regression: float | None = Field(None, alias="maxRegression", ge=0)
-
-
 class AdapterRef(_Strict):
     """A published stage output, addressed by its manifest."""
 
     name: str | None = None  # the Adapter object's name, for lineage
     manifest_uri: str = Field(alias="manifestUri")
     weight: float = 1.0  # merge only
+
+
+class EvalSuite(_Strict):
+    name: str
+    dataset: DatasetSpec
+    metric: Literal[
+        "exact_match",
+        "loss",
+        "perplexity",
+        "preference_accuracy",
+        "distinct_n",
+        "self_bleu",
+        "kl_to_reference",
+        "safety",
+        "robustness",
+        "judge",
+    ]
+    max_regression: float | None = Field(None, alias="maxRegression", ge=0)
+    judge: AdapterRef | None = None  # judge: the reward model that scores completions
 
 
 class MergeSpec(_Strict):

@@ -321,9 +321,11 @@ NOTES = f"""\
   (the sketch's `from:` became a list of dataset names).
 - **Rewards** name their scorer explicitly: `{{type: reward-model, stage: rm}}` (an earlier reward-model
   stage) or `{{adapter: name}}`; regex and length rewards carry `pattern` / `targetLength`.
-- **synthetic-preferences is one stage**: it samples `numGenerations` completions per prompt, ranks
-  them with its `rewards` and trains DPO on best-vs-worst pairs, so every stage but eval publishes an
-  Adapter and no stage consumes another stage's data.
+- **synthetic-preferences is one stage**: it samples `numGenerations` completions per prompt, a
+  teacher scores them (its `rewards`: a reward-model Adapter or stage, and/or built-in functions),
+  best-vs-worst pairs at least `hyperparameters.minMargin` apart are kept, and the dpo stage's
+  training runs on them; it publishes the adapter with the pairs (`preferences.jsonl`) beside it, so
+  every stage but eval publishes an Adapter and no stage needs another stage's data.
 - **Continual new data** replaces the `uri` of the named `spec.datasets` entry each cycle; its format
   and task come from that entry. `continual.replay.ratio` lies in [0, 1) (all-replay would learn
   nothing new); a stage's own `data.replay.ratio` lies in [0, 1].

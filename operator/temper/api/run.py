@@ -152,6 +152,7 @@ class Hyperparameters(ApiModel):
     loss_type: contract.LossType | None = None
     num_iterations: int | None = Field(None, ge=1, le=64)
     max_grad_norm: float | None = Field(None, ge=0)
+    min_margin: float | None = Field(None, ge=0)
 
     field_docs: ClassVar[dict[str, str]] = {
         "epochs": "Passes over the training data (fractions allowed; default 1). maxSteps wins if set.",
@@ -179,6 +180,8 @@ class Hyperparameters(ApiModel):
         "maxGradNorm": "Gradient clipping norm (TRL's max_grad_norm; default 1.0); 0 disables clipping.",
         "numIterations": "grpo: policy updates per batch of generations (TRL's num_iterations, PPO-style "
         "clipping when > 1).",
+        "minMargin": "synthetic-preferences: keep a best-vs-worst pair only when the teacher's scores "
+        "differ by at least this much (default 0: any strict difference).",
     }
 
 
@@ -330,7 +333,17 @@ class Reward(ApiModel):
         return self
 
 
-Metric = Literal["exact_match", "loss", "perplexity", "preference_accuracy", "distinct_n"]
+Metric = Literal[
+    "exact_match",
+    "loss",
+    "perplexity",
+    "preference_accuracy",
+    "distinct_n",
+    "self_bleu",
+    "kl_to_reference",
+    "safety",
+    "robustness",
+]
 
 
 class EvalSuite(ApiModel):
@@ -343,7 +356,10 @@ class EvalSuite(ApiModel):
     )
     dataset: str = doc("Name of the spec.datasets entry to evaluate on.", max_length=DNS_LABEL_MAX)
     metric: Metric = doc(
-        "exact_match, loss, perplexity, preference_accuracy (preference datasets) or distinct_n (diversity)."
+        "exact_match, loss, perplexity, preference_accuracy (preference datasets), distinct_n or self_bleu "
+        "(diversity; self_bleu near 1 is mode collapse), kl_to_reference (mean per-token KL to the "
+        "baseline model on the dataset's completions: drift), safety (pass rate on records labelled "
+        "expected: refuse|comply) or robustness (exact_match under seeded prompt perturbations)."
     )
     max_regression: float | None = doc(
         "Largest tolerated relative drop against the baseline, measured in the same eval stage: the "
@@ -508,18 +524,22 @@ STAGE_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {
         "temperature",
     ),
     "reward-model": _TRAINING_HYPERPARAMETERS,
-    "synthetic-preferences": (
+    "synthetic-preferences": (  # sampling and scoring, then the dpo stage's training
+        *_TRAINING_HYPERPARAMETERS,
+        "beta",
+        "rpoAlpha",
+        "lossType",
+        "minMargin",
         "numGenerations",
         "maxNewTokens",
         "temperature",
-        "maxLength",
-        "attnImplementation",
     ),
     "eval": ("maxNewTokens", "attnImplementation"),
     "merge": (),
 }
 STAGE_LOSS_TYPES: dict[str, tuple[str, ...]] = {
     "dpo": contract.DPO_LOSS_TYPES,
+    "synthetic-preferences": contract.DPO_LOSS_TYPES,
     "grpo": contract.GRPO_LOSS_TYPES,
 }
 
@@ -613,9 +633,10 @@ class Stage(ApiModel):
     )
     type: StageType = doc(
         "sft, dpo, grpo, reward-model (a scorer for reward-model rewards), synthetic-preferences (sample "
-        "completions, rank them with rewards, DPO on best-vs-worst pairs), eval (suites against the from "
-        "stage's adapter, or the base model; results go to that Adapter's status.evals) or merge. Every "
-        "stage but eval publishes an Adapter."
+        "completions, a teacher (its rewards: a reward-model Adapter and/or built-in functions) scores them, "
+        "DPO on best-vs-worst pairs at least minMargin apart; the pairs are kept beside the adapter), "
+        "eval (suites against the from stage's adapter, or the base model; results go to that Adapter's "
+        "status.evals) or merge. Every stage but eval publishes an Adapter."
     )
     from_: str | None = Field(
         None,

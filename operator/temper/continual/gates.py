@@ -3,8 +3,9 @@
 Forgetting is the *relative drop* from the baseline, signed so that positive is worse whatever
 the metric's direction::
 
-    higher is better (exact_match, preference_accuracy, distinct_n): (baseline - current) / |baseline|
-    lower is better (loss, perplexity):                            (current - baseline) / |baseline|
+    higher is better (exact_match, preference_accuracy, distinct_n, safety, robustness):
+        (baseline - current) / |baseline|
+    lower is better (loss, perplexity, self_bleu, kl_to_reference): (current - baseline) / |baseline|
 
 With a zero baseline the relative drop is undefined; the absolute difference is used instead.
 A gate fails when forgetting > maxRegression (a maxRegression of 0 tolerates no drop at all).
@@ -17,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
-HIGHER_IS_BETTER = frozenset({"exact_match", "preference_accuracy", "distinct_n"})
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "self_bleu", "kl_to_reference"})
+HIGHER_IS_BETTER = frozenset({"exact_match", "preference_accuracy", "distinct_n", "safety", "robustness"})
 
 GateOutcome = Literal["Passed", "Failed", "NoBaseline", "Missing"]
 

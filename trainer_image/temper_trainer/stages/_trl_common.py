@@ -186,3 +186,29 @@ def drop_reference_adapter(model: Any) -> Any:
         model.set_adapter("default")
         model.delete_adapter("ref")
     return model
+
+
+DRIFT_PROBES = 32  # eval records drift is measured on: enough for a stable mean, cheap at stage end
+
+
+def stage_drift(
+    ctx: StageContext, model: Any, tokenizer: Any, records: list[dict[str, Any]]
+) -> dict[str, float]:
+    """``drift/kl_to_base`` and (with a parent) ``drift/kl_to_parent``: mean per-token KL of the
+    trained policy to each, teacher-forced on the stage's eval records (else its first training
+    records), so value drift is tracked stage by stage and cycle by cycle."""
+    from temper_trainer.evaluation import kl_to_reference
+
+    probes = records[:DRIFT_PROBES]
+    if not probes:
+        return {}
+    base = None
+    if not hasattr(model, "disable_adapter"):  # a full fine-tune: the base is a fresh load
+        base, _ = ctx.load_base_model()
+    out = {"drift/kl_to_base": kl_to_reference(model, tokenizer, probes, reference=base)}
+    if ctx.contract.parent is not None:
+        parent, _ = ctx.load_base_model()
+        parent = ctx.load_parent(parent, trainable=False).eval()
+        out["drift/kl_to_parent"] = kl_to_reference(model, tokenizer, probes, reference=parent)
+        del parent
+    return out

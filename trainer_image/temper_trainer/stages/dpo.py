@@ -17,8 +17,9 @@ Metrics: ``eval/preference_accuracy`` (share of held-out pairs whose chosen resp
 higher policy log-prob; ``train/...`` when no eval data is given) and its ``_before`` value
 (measured once, kept in checkpoints); from TRL's logs ``train/reward_margin``
 (``rewards/margins``), ``train/reward_accuracy`` (``rewards/accuracies``), ``train/kl`` (chosen
-log-ratio policy vs reference, ``rewards/chosen`` / beta), ``train/loss``, plus the eval stage's
-metrics for ``data.eval``/``suites``.
+log-ratio policy vs reference, ``rewards/chosen`` / beta), ``train/loss``, ``drift/kl_to_base`` /
+``drift/kl_to_parent`` (``_trl_common.stage_drift``, on the prompts and chosen responses), plus
+the eval stage's metrics for ``data.eval``/``suites``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from temper_trainer.stages._trl_common import (
     find_resume,
     fit,
     ordered,
+    stage_drift,
     total_steps,
     train_metrics,
     trainer_args,
@@ -115,23 +117,30 @@ def loss_config(ctx: StageContext) -> tuple[dict[str, Any], float]:
 
 @register_stage("dpo")
 def run(ctx: StageContext) -> StageOutcome:
-    from trl.trainer.dpo_config import DPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    contract, hp = ctx.contract, ctx.contract.hyperparameters
     train_records = ctx.load_dataset("train")
     require_records(train_records, "train", "preference")
     eval_records = ctx.load_dataset("eval")
     if eval_records:
         require_records(eval_records, "eval", "preference")
+    return train_on_pairs(ctx, train_records, eval_records)
 
+
+def train_on_pairs(
+    ctx: StageContext, train_records: list[Record], eval_records: list[Record], resume: Any = None
+) -> StageOutcome:
+    """DPO on preference records, published as the stage's adapter (dpo, synthetic-preferences).
+    ``resume``: the checkpoint to continue from (default: the stage's newest)."""
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    contract, hp = ctx.contract, ctx.contract.hyperparameters
     steps = total_steps(hp, len(train_records), hp.batch_size * hp.gradient_accumulation_steps)
     method = policy_method(ctx)
     model, tokenizer = load_policy(ctx, steps)
     pad_id = tokenizer.pad_token_id
     held_out = _Pairs(eval_records or train_records, tokenizer)
 
-    resume = find_resume(ctx)
+    resume = find_resume(ctx) if resume is None else resume
     if "accuracy_before" in resume.stage_state:
         accuracy_before = float(resume.stage_state["accuracy_before"])
     else:
@@ -185,6 +194,7 @@ def run(ctx: StageContext) -> StageOutcome:
     )
     # the eval stage's own number wins when data.eval has one, so both stages report the same value
     metrics.setdefault(f"{split}/preference_accuracy", accuracy_after)
+    metrics.update(stage_drift(ctx, model, tokenizer, eval_records or train_records))
     lineage = {
         "pairs": len(train_records),
         "evalPairs": len(held_out),

@@ -14,10 +14,12 @@ trained adapter with a small one (tiny model, SFT parent, exact-match: 1e-4 kept
 exact match, 1e-3 destroyed it within 40 steps). Large rates only suit shaping a base model.
 
 Metrics: ``eval/reward`` and ``eval/reward_before`` (mean weighted reward of greedy completions
-on ``data.eval``, or the first 64 training prompts; temper's own evaluation), the same per reward
-(``eval/reward/<i>-<type>``), ``train/reward`` and ``train/reward_first`` (mean of the last / first
-logged TRL ``reward`` values), ``train/kl``, ``train/loss``, plus the eval stage's metrics for
-``data.eval``/``suites``.
+on the held-out ``data.eval`` prompts; temper's own evaluation), the same per reward
+(``eval/reward/<i>-<type>``); without eval data the same numbers on the first 64 training prompts
+are ``train/greedy_reward``, ``train/greedy_reward_before``... (never labelled ``eval/``);
+``train/reward`` and ``train/reward_first`` (mean of the last / first logged TRL ``reward``
+values, sampled), ``train/kl``, ``train/loss``, ``drift/kl_to_base`` / ``drift/kl_to_parent``
+(``_trl_common.stage_drift``), plus the eval stage's metrics for ``data.eval``/``suites``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from temper_trainer.stages._trl_common import (
     drop_reference_adapter,
     find_resume,
     fit,
+    stage_drift,
     total_steps,
     train_metrics,
     trainer_args,
@@ -185,10 +188,13 @@ def run(ctx: StageContext) -> StageOutcome:
     model.eval()
     after = mean_greedy_reward(ctx, model, tokenizer, held_out, rewards)
     metrics = evaluate_model(ctx, model, tokenizer)
+    # greedy rewards on training prompts are a training-set number: named so
+    prefix = "eval/" if eval_records else "train/greedy_"
     for key, value in after.items():
-        metrics[f"eval/{key}"] = value
+        metrics[f"{prefix}{key}"] = value
     for key, value in before.items():
-        metrics[f"eval/{key.replace('reward', 'reward_before', 1)}"] = value
+        metrics[f"{prefix}{key.replace('reward', 'reward_before', 1)}"] = value
+    metrics.update(stage_drift(ctx, model, tokenizer, eval_records or train_records))
     history = logged(trainer.state, "reward")
     window, first = history[-TRAIN_REWARD_WINDOW:], history[:TRAIN_REWARD_WINDOW]
     metrics.update(

@@ -9,6 +9,13 @@
   restarting per example, no label across a boundary); prompt-learning methods (virtual
   tokens) use padded batches instead;
 - checkpoints, resume, progress and metrics: ``temper_trainer.callbacks`` via ``_trl_common.fit``.
+
+Metrics: the eval stage's (``eval/exact_match``... for ``data.eval`` and ``suites``), plus
+``eval/exact_match_before`` (the starting policy: the parent, else the base, in the same format)
+and, for builtin tasks, ``eval/exact_match_pretrain_format`` and its ``_before``: the same held-out
+problems posed in the tiny model's pretraining form, so a gain that is only format learning shows
+(``before`` in pretraining form high, in SFT form low); ``drift/kl_to_base`` /
+``drift/kl_to_parent`` (``_trl_common.stage_drift``); ``train/...``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from temper_trainer.callbacks import is_main_process
-from temper_trainer.data import IGNORE_INDEX, Record, encode_sft
+from temper_trainer.data import IGNORE_INDEX, Record, encode_sft, record_format
 from temper_trainer.peft_setup import PROMPT_LEARNING, adapter_method, servable_flags
 from temper_trainer.stage import InvalidInput, StageContext, StageOutcome
 from temper_trainer.stages import register_stage
@@ -26,6 +33,7 @@ from temper_trainer.stages._trl_common import (
     find_resume,
     fit,
     ordered,
+    stage_drift,
     total_steps,
     train_metrics,
     trainer_args,
@@ -53,6 +61,20 @@ def collate(examples: Sequence[Example], pad_id: int, *, padding_free: bool) -> 
         ("input_ids", "labels", "position_ids") if padding_free else ("input_ids", "labels", "attention_mask")
     )
     return {key: batch[key] for key in keep}
+
+
+def format_metrics(model: Any, tokenizer: Any, records: Sequence[Record], max_new: int) -> dict[str, float]:
+    """Held-out exact match in the SFT format and, for builtin tasks, in the pretraining format."""
+    from temper_trainer.evaluation import exact_match, pretrain_format_exact_match
+
+    gen = [r for r in records if record_format(r) != "preference"]
+    if not gen:
+        return {}
+    out = {"eval/exact_match": exact_match(model, tokenizer, gen, max_new_tokens=max_new)}
+    pre = pretrain_format_exact_match(model, tokenizer, gen, max_new_tokens=max_new)
+    if pre is not None:
+        out["eval/exact_match_pretrain_format"] = pre
+    return out
 
 
 def packed_batch(examples: Sequence[Example]) -> dict[str, Any]:
@@ -98,8 +120,14 @@ def run(ctx: StageContext) -> StageOutcome:
     trainer_cls = ordered(SFTTrainer, contract.data.curriculum.order_by != "none")
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     resume = find_resume(ctx)
+    eval_records = ctx.load_dataset("eval")
+    if "before" in resume.stage_state:
+        before = {k: float(v) for k, v in resume.stage_state["before"].items()}
+    else:
+        ctx.set_phase("evaluating")
+        before = format_metrics(model, tokenizer, eval_records, hp.max_new_tokens)
     started = time.monotonic()
-    fit(ctx, trainer, resume)
+    fit(ctx, trainer, resume, stage_state=lambda: {"before": before})
     state = trainer.state
     train_seconds = time.monotonic() - started
     model = trainer.model
@@ -109,9 +137,13 @@ def run(ctx: StageContext) -> StageOutcome:
     ctx.set_phase("evaluating")
     model.eval()
     metrics = evaluate_model(ctx, model, tokenizer)
+    after = format_metrics(model, tokenizer, eval_records, hp.max_new_tokens)
     tokens = float(state.num_input_tokens_seen or 0)
     metrics.update(
         {
+            **{f"{k}_before": v for k, v in before.items()},
+            **{k: v for k, v in after.items() if k not in metrics},
+            **stage_drift(ctx, model, tokenizer, eval_records or records),
             **train_metrics(state),
             "train/examples": float(len(examples)),
             "train/tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,

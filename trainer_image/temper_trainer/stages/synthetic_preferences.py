@@ -1,18 +1,26 @@
-"""synthetic-preferences: a teacher samples candidates, rewards rank them, pairs become data.
+"""synthetic-preferences: sample candidates, a teacher scores them, DPO trains on the pairs.
 
-The teacher is ``baseModel`` plus, if ``from`` is set, the parent adapter (frozen). For every
-prompt of ``data.train`` it samples ``numGenerations`` completions
-(``temperature``, ``maxNewTokens``); the weighted ``rewards`` (built-in functions and/or a reward
-model) score them; the best and the worst become one ``{prompt, chosen, rejected}`` record. Prompts
-whose candidates all score the same carry no preference and are skipped (counted in
-``pairs/skipped_ties``).
+One stage, as the API documents (every stage but eval publishes an Adapter):
 
-The artifact is ``preferences.jsonl`` (format ``preference``; extra fields ``chosen_score``,
-``rejected_score``, ``task``), listed in the manifest like any file. A dpo or reward-model stage
-reads it as a dataset at ``<manifest folder>/<its manifest path>``.
+1. The policy (``baseModel`` plus, if ``from`` is set, the parent adapter, frozen) samples
+   ``numGenerations`` completions for every prompt of ``data.train`` (``temperature``,
+   ``maxNewTokens``).
+2. The teacher scores them: the weighted ``rewards``, i.e. a reward model (``{type: reward-model,
+   adapter|stage}``: a published reward-model Adapter) and/or built-in functions. The best and the
+   worst candidate become one ``{prompt, chosen, rejected}`` pair when their scores differ by at
+   least ``minMargin`` (and strictly); other prompts are skipped (``pairs/skipped_ties``).
+3. The dpo stage's training (``stages.dpo.train_on_pairs``: TRL's DPOTrainer, the same
+   hyperparameters, ``beta``, ``rpoAlpha``, ``lossType``) trains the policy on those pairs, from
+   the parent adapter or a fresh one; preference ``data.eval`` datasets give held-out
+   ``eval/preference_accuracy``.
 
-Sampling of prompt ``i`` is seeded with ``seed + i``, so the output does not depend on batching
-or on where a resumed run picked up; checkpoints hold the records produced so far.
+The artifact is the trained adapter plus ``preferences.jsonl`` (format ``preference``; extra fields
+``chosen_score``, ``rejected_score``, ``task``), listed in the manifest; a later dpo or reward-model
+stage may also read it as a dataset at ``<manifest folder>/preferences.jsonl``.
+
+Sampling of prompt ``i`` is seeded with ``seed + i``, so the pairs do not depend on batching or on
+where a resumed run picked up. Generation checkpoints (``checkpoints/step-<n>``) hold the pairs
+produced so far; DPO's own checkpoints live under ``dpo/checkpoints/``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from temper_trainer.data import Record, prompt_and_target
+from temper_trainer.checkpoint import Checkpointer
+from temper_trainer.data import Record, prompt_and_target, record_format
 from temper_trainer.rewards import Candidate, build_rewards
 from temper_trainer.stage import InvalidInput, StageContext, StageOutcome
 from temper_trainer.stages import register_stage
@@ -37,12 +46,13 @@ PROMPTS_PER_STEP = 8  # one progress step / checkpoint unit
 
 
 def pairs_for_prompt(
-    record: Record, completions: list[str], scores: list[float], tokenizer: Any
+    record: Record, completions: list[str], scores: list[float], tokenizer: Any, min_margin: float = 0.0
 ) -> Record | None:
-    """The best-vs-worst pair, or None when every candidate scores the same."""
+    """The best-vs-worst pair, or None when every candidate scores the same or the teacher's
+    margin is below ``min_margin``."""
     best = max(range(len(scores)), key=lambda k: (scores[k], -k))
     worst = min(range(len(scores)), key=lambda k: (scores[k], k))
-    if scores[best] <= scores[worst]:
+    if scores[best] <= scores[worst] or scores[best] - scores[worst] < min_margin:
         return None
     prompt = prompt_and_target(record, tokenizer)[0] if "messages" in record else str(record["prompt"])
     return {
@@ -57,9 +67,49 @@ def pairs_for_prompt(
 
 @register_stage("synthetic-preferences")
 def run(ctx: StageContext) -> StageOutcome:
+    from temper_trainer.stages.dpo import train_on_pairs
+
+    produced, skipped, scores_seen = build_pairs(ctx)
+    eval_pairs = [r for r in ctx.load_dataset("eval") if record_format(r) == "preference"]
+    # DPO's checkpoints beside the generation ones, so neither resumes from the other's
+    dpo_prefix = f"{ctx.contract.output.prefix.rstrip('/')}/dpo/"
+    dpo_contract = ctx.contract.model_copy(
+        update={"output": ctx.contract.output.model_copy(update={"prefix": dpo_prefix})}
+    )
+    ctx.checkpointer = Checkpointer(dpo_contract, ctx.storage, ctx.workdir / "dpo-checkpoints")
+    ctx.set_phase("training")
+    outcome = train_on_pairs(ctx, produced, eval_pairs)
+    with (ctx.artifact_dir / OUTPUT_FILE).open("w") as fh:
+        for record in produced:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+    margins = [r["chosen_score"] - r["rejected_score"] for r in produced]
+    outcome.metrics.update(
+        {
+            "pairs/count": float(len(produced)),
+            "pairs/skipped_ties": float(skipped),
+            "pairs/mean_margin": sum(margins) / len(margins),
+            "pairs/mean_chosen_score": sum(r["chosen_score"] for r in produced) / len(produced),
+            "candidates/mean_reward": sum(scores_seen) / max(1, len(scores_seen)),
+        }
+    )
+    contract = ctx.contract
+    outcome.lineage.update(
+        {
+            "dataset": {"file": OUTPUT_FILE, "format": "preference", "records": len(produced)},
+            "sampler": contract.parent.manifest_uri if contract.parent else contract.base_model,
+            "teacher": [s.model_dump(by_alias=True, exclude_none=True) for s in contract.rewards],
+            "minMargin": contract.hyperparameters.min_margin,
+            "numGenerations": contract.hyperparameters.num_generations,
+        }
+    )
+    return outcome
+
+
+def build_pairs(ctx: StageContext) -> tuple[list[Record], int, list[float]]:
+    """(pairs, prompts skipped, every candidate's score): sampling and scoring, checkpointed."""
     import torch
 
-    contract, hp = ctx.contract, ctx.contract.hyperparameters
+    hp = ctx.contract.hyperparameters
     rewards = build_rewards(ctx)
     records = ctx.load_dataset("train")
     if not records:
@@ -111,7 +161,7 @@ def run(ctx: StageContext) -> StageOutcome:
             completions = [decode_response(tokenizer, r) for r in responses]
             totals, _ = rewards.score([Candidate(prompt_text, c, answers[i]) for c in completions])
             scores_seen.extend(totals)
-            pair = pairs_for_prompt(records[i], completions, totals, tokenizer)
+            pair = pairs_for_prompt(records[i], completions, totals, tokenizer, hp.min_margin)
             if pair is None:
                 skipped += 1
             else:
@@ -122,28 +172,9 @@ def run(ctx: StageContext) -> StageOutcome:
 
     if not produced:
         raise InvalidInput(
-            "rewards: every prompt's candidates scored the same, so no preference pair could be built; "
-            "raise numGenerations or temperature, or use a finer reward"
+            "rewards: no prompt's candidates differed by minMargin, so no preference pair could be "
+            "built; raise numGenerations or temperature, lower minMargin, or use a finer reward"
         )
-    with (ctx.artifact_dir / OUTPUT_FILE).open("w") as fh:
-        for record in produced:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-    margins = [r["chosen_score"] - r["rejected_score"] for r in produced]
-    method = "full"  # a dataset, not an adapter
-    return StageOutcome(
-        artifact_dir=ctx.artifact_dir,
-        metrics={
-            "pairs/count": float(len(produced)),
-            "pairs/skipped_ties": float(skipped),
-            "pairs/mean_margin": sum(margins) / len(margins),
-            "pairs/mean_chosen_score": sum(r["chosen_score"] for r in produced) / len(produced),
-            "candidates/mean_reward": sum(scores_seen) / max(1, len(scores_seen)),
-        },
-        method=method,
-        servable={"peft": False, "vllm": False},
-        lineage={
-            "dataset": {"file": OUTPUT_FILE, "format": "preference", "records": len(produced)},
-            "teacher": contract.parent.manifest_uri if contract.parent else contract.base_model,
-            "numGenerations": hp.num_generations,
-        },
-    )
+    if start < steps:  # the complete set, so a resume during DPO needs no sampling
+        ctx.checkpointer.save(steps, state())
+    return produced, skipped, scores_seen
