@@ -108,7 +108,11 @@ def test_adapter_outside_the_namespace_storage_is_refused(cluster: Any, namespac
         return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Adapter", "metadata": meta, "spec": spec}
 
     other = adapter("s3://temper/temper-demo/runs/quickstart/g1/sft/manifest.json")
-    refusal = _create(api, namespace, "adapters", other)
-    assert refusal is not None
+    # The Adapter policy is a second ValidatingAdmissionPolicy: the apiserver may enforce it a
+    # moment after the run policy that _wait_enforced probed.
+    deadline = time.monotonic() + 30
+    while (refusal := _create(api, namespace, "adapters", other)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert refusal is not None, "the Adapter policy never refused another namespace's artifact"
     assert "spec.artifact.uri:" in refusal
     assert _create(api, namespace, "adapters", adapter(f"s3://temper/{namespace}/a/manifest.json")) is None
