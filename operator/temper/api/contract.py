@@ -176,21 +176,24 @@ class AdapterRef(_Strict):
     weight: float = 1.0  # merge only
 
 
+# The suite metrics a PostTrainingRun may name (api.run re-uses this); the trainer also knows judge.
+Metric = Literal[
+    "exact_match",
+    "loss",
+    "perplexity",
+    "preference_accuracy",
+    "distinct_n",
+    "self_bleu",
+    "kl_to_reference",
+    "safety",
+    "robustness",
+]
+
+
 class EvalSuite(_Strict):
     name: str
     dataset: DatasetSpec
-    metric: Literal[
-        "exact_match",
-        "loss",
-        "perplexity",
-        "preference_accuracy",
-        "distinct_n",
-        "self_bleu",
-        "kl_to_reference",
-        "safety",
-        "robustness",
-        "judge",
-    ]
+    metric: Metric | Literal["judge"]
     max_regression: float | None = Field(None, alias="maxRegression", ge=0)
     judge: AdapterRef | None = None  # judge: the reward model that scores completions
 

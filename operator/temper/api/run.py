@@ -333,17 +333,7 @@ class Reward(ApiModel):
         return self
 
 
-Metric = Literal[
-    "exact_match",
-    "loss",
-    "perplexity",
-    "preference_accuracy",
-    "distinct_n",
-    "self_bleu",
-    "kl_to_reference",
-    "safety",
-    "robustness",
-]
+Metric = contract.Metric
 
 
 class EvalSuite(ApiModel):
