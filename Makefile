@@ -52,7 +52,7 @@ unit: venv
 # hermetic control plane. Cluster tests fail, never skip, if the cluster cannot start.
 test: setup
 	$(MAKE) --no-print-directory lint typecheck
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q -n 2 --durations=30
 
 # The main job: hermetic cluster + loopback S3 + `helm install` of the operator image + the
 # quickstart pipeline, its trainer pods in the trainer image.

@@ -1,4 +1,7 @@
 import os
+from typing import Any
+
+import pytest
 
 # Tiny-model matmuls gain nothing from intra-op threads, and on 2 shared cores the thread
 # pool's spinning costs far more than it saves. Set before torch is first imported.
@@ -15,3 +18,17 @@ pytest_plugins = [
     "tests.fixtures.prometheus",
     "tests.fixtures.hub",
 ]
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``pytest -n 2`` (``make test``) each hermetic cluster's tests stay on one worker, so
+    each cluster starts once: tests/cluster (process pods) on one, tests/e2e (container pods) on
+    the other; the unit tests, one scope each, fill both. (pytest 9 ignores ``xdist_group``.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SuiteScheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped here
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.split("/")
+            return parts[1] if len(parts) > 2 and parts[1] in ("cluster", "e2e") else nodeid
+
+    return SuiteScheduling(config, log)
