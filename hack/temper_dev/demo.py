@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -302,6 +303,79 @@ def pin_to_exec_node(run: dict[str, Any]) -> dict[str, Any]:
         resources.setdefault("nodeSelector", {}).update(EXEC_POOL)
         resources["gpus"] = 0  # it trains on CPU; the node's fake GPUs stay free for GPU-shaped tests
     return run
+
+
+EXAMPLES_BUCKET = "temper"  # the bucket every example names: s3://temper/...
+HERMETIC_STEPS = 2
+HERMETIC_EVAL_EXAMPLES = 8
+HERMETIC_MAX_LENGTH = 64
+
+
+def _rebucket(value: Any, bucket: str) -> Any:
+    """Every ``s3://temper/...`` string under ``value``, moved to ``s3://<bucket>/...``."""
+    if isinstance(value, dict):
+        return {k: _rebucket(v, bucket) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebucket(v, bucket) for v in value]
+    if isinstance(value, str) and value.startswith(f"s3://{EXAMPLES_BUCKET}/"):
+        return f"s3://{bucket}/" + value.removeprefix(f"s3://{EXAMPLES_BUCKET}/")
+    return value
+
+
+def _small_eval_set(uri: str) -> str:
+    """A held-out ``builtin://`` set cut to a few examples: each is a generation or a forward pass
+    at the end of a stage. Training sets stay whole: the steps bound their cost, and a teacher
+    (synthetic-preferences) needs enough prompts to find pairs that differ."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(uri)
+    query = dict(parse_qsl(parts.query))
+    if query.get("split") != "eval":
+        return uri
+    query["n"] = str(min(int(query.get("n", HERMETIC_EVAL_EXAMPLES)), HERMETIC_EVAL_EXAMPLES))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query)}"
+
+
+def _shrink_stage(stage: dict[str, Any]) -> None:
+    """A few optimizer steps; the method, data, rewards and stage type stay the example's."""
+    params = stage.get("hyperparameters")
+    if params is not None:
+        params.pop("epochs", None)
+        params["maxSteps"] = min(int(params.get("maxSteps", HERMETIC_STEPS)), HERMETIC_STEPS)
+        if "gradientAccumulationSteps" in params:
+            params["gradientAccumulationSteps"] = min(int(params["gradientAccumulationSteps"]), 2)
+        if "maxLength" in params:
+            params["maxLength"] = min(int(params["maxLength"]), HERMETIC_MAX_LENGTH)
+    if stage.get("checkpoint", {}).get("everySteps"):
+        stage["checkpoint"]["everySteps"] = 1  # still written (and kept) within the few steps
+    resources = stage.setdefault("resources", {})
+    for key in ("cpu", "memory", "tolerations"):
+        resources.pop(key, None)  # the chart's trainer.resources size pods for the 2-core node
+    selector = resources.get("nodeSelector") or {}
+    resources["nodeSelector"] = {k: v for k, v in selector.items() if not k.startswith("nvidia.com/")}
+
+
+def for_hermetic_cluster(doc: dict[str, Any], *, namespace: str, bucket: str) -> dict[str, Any]:
+    """An example (PostTrainingRun or Adapter) as it runs on the 2-core hermetic cluster.
+
+    The example stays what it is on a real cluster (method, stage types, data, rewards, gates,
+    continual settings); only where it runs and how long changes: ``namespace``, its
+    ``s3://temper/`` locations moved to ``bucket``, every stage on the exec node on CPU (no GPU
+    selector or toleration, no per-stage cpu/memory: the chart's trainer requests size the pods),
+    no Kueue queue (the hermetic cluster runs none), a few steps, small built-in eval sets."""
+    out: dict[str, Any] = _rebucket(copy.deepcopy(doc), bucket)
+    out["metadata"]["namespace"] = namespace
+    if out.get("kind") != "PostTrainingRun":
+        return out
+    spec = out["spec"]
+    spec.pop("queueName", None)
+    for dataset in spec.get("datasets") or []:
+        if str(dataset.get("uri", "")).startswith("builtin://"):
+            dataset["uri"] = _small_eval_set(dataset["uri"])
+    pin_to_exec_node(out)
+    for stage in spec["stages"]:
+        _shrink_stage(stage)
+    return out
 
 
 def delete_run_and_adapters(kube: Kube, namespace: str, name: str, timeout: float = 60) -> None:

@@ -107,8 +107,17 @@ class OlahHub:
     def repo_dir(self, repo_id: str, repo_type: str = "model") -> Path:
         return self.root / "mirrors" / f"{repo_type}s" / repo_id
 
-    def add_repo(self, repo_id: str, folder: Path, *, repo_type: str = "model", message: str = "") -> str:
-        """Commit ``folder``'s files to the repository's ``main`` (created if new); the commit sha."""
+    def add_repo(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        repo_type: str = "model",
+        message: str = "",
+        tags: tuple[str, ...] = (),
+    ) -> str:
+        """Commit ``folder``'s files to the repository's ``main`` (created if new), tagged ``tags``
+        (moved if they exist); the commit sha."""
         repo = self.repo_dir(repo_id, repo_type)
         if not (repo / ".git").exists():
             repo.mkdir(parents=True, exist_ok=True)
@@ -119,6 +128,8 @@ class OlahHub:
         shutil.copytree(folder, repo, dirs_exist_ok=True)
         _git(repo, "add", "-A")
         _git(repo, "commit", "-q", "--allow-empty", "-m", message or f"upload {repo_id}")
+        for tag in tags:
+            _git(repo, "tag", "-f", tag)
         return _git(repo, "rev-parse", "HEAD")
 
     def start(self, timeout: float = 60.0) -> OlahHub:

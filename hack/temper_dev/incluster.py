@@ -56,6 +56,17 @@ def build_images(log_path: Path | None = None) -> None:
         raise InClusterError(f"hack/build-images.sh failed (rc={proc.returncode}); log {log_path}")
 
 
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` key by key (mappings recursively; anything else replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass
 class HelmOperator:
     """One release of charts/temper watching ``namespace``, installed into ``release_namespace``
@@ -73,7 +84,7 @@ class HelmOperator:
     metrics_port: int = field(default_factory=free_port)
     trainer_metrics_port: int = field(default_factory=free_port)
     lease_seconds: int = 5
-    extra_values: Mapping[str, Any] = field(default_factory=dict)  # merged over values() at the top level
+    extra_values: Mapping[str, Any] = field(default_factory=dict)  # deep-merged over values()
 
     @property
     def home(self) -> str:
@@ -89,24 +100,26 @@ class HelmOperator:
 
     def values(self) -> dict[str, Any]:
         env = {"TEMPER_BIND_ADDRESS": "127.0.0.1", **self.extra_env}  # host network: loopback only
-        return {
-            "image": {"repository": OPERATOR_IMAGE, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
-            "trainer": {
-                "image": {"repository": TRAINER_IMAGE, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
-                "metricsPort": self.trainer_metrics_port,
+        return deep_merge(
+            {
+                "image": {"repository": OPERATOR_IMAGE, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
+                "trainer": {
+                    "image": {"repository": TRAINER_IMAGE, "tag": IMAGE_TAG, "pullPolicy": "IfNotPresent"},
+                    "metricsPort": self.trainer_metrics_port,
+                },
+                "watchNamespaces": [self.namespace],
+                "operator": {
+                    "healthPort": self.health_port,
+                    "metricsPort": self.metrics_port,
+                    "leaderElection": {"leaseDurationSeconds": self.lease_seconds},
+                    "extraEnv": [{"name": k, "value": v} for k, v in env.items()],
+                },
+                "storage": {"endpoint": self.storage_endpoint},
+                "nodeSelector": {"temper.dev/node-pool": "exec"},
+                "terminationGracePeriodSeconds": 10,
             },
-            "watchNamespaces": [self.namespace],
-            "operator": {
-                "healthPort": self.health_port,
-                "metricsPort": self.metrics_port,
-                "leaderElection": {"leaseDurationSeconds": self.lease_seconds},
-                "extraEnv": [{"name": k, "value": v} for k, v in env.items()],
-            },
-            "storage": {"endpoint": self.storage_endpoint},
-            "nodeSelector": {"temper.dev/node-pool": "exec"},
-            "terminationGracePeriodSeconds": 10,
-            **self.extra_values,
-        }
+            self.extra_values,
+        )
 
     def install(self, timeout: float = 120.0) -> HelmOperator:
         values = self.state_dir / f"values-{self.home}.json"

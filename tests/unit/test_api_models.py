@@ -221,3 +221,39 @@ def test_check_update_ignores_defaults_and_flags_changes() -> None:
     assert check_update("PostTrainingRun", run, changed) == ["spec.storage is immutable"]
     with pytest.raises(ValueError, match="kind"):
         check_update("Job", run, run)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_on_the_hermetic_cluster_keeps_what_it_exercises(path: Path) -> None:
+    """``for_hermetic_cluster`` (tests/e2e/test_examples.py runs every example through it) changes
+    where and how long an example runs, never what it exercises; the result is still valid."""
+    from temper_dev.demo import HERMETIC_STEPS, for_hermetic_cluster
+
+    raw = _load(path)
+    out = for_hermetic_cluster(raw, namespace="ns", bucket="bucket-1")
+    assert raw == _load(path), "the example itself is not modified"
+    obj, orig = parse_manifest(out), parse_manifest(raw)
+    assert obj.metadata["namespace"] == "ns"
+    assert "s3://temper/" not in yaml.safe_dump(out)
+    if not isinstance(obj, PostTrainingRun):
+        assert isinstance(orig, Adapter)
+        assert obj.spec.merge == orig.spec.merge
+        assert obj.spec.lifecycle == orig.spec.lifecycle
+        return
+    assert isinstance(orig, PostTrainingRun)
+    assert obj.spec.queue_name is None
+    assert obj.spec.priority_class_name == orig.spec.priority_class_name
+    assert obj.spec.continual == orig.spec.continual or "s3://temper/" in yaml.safe_dump(raw)
+    assert [d.format for d in obj.spec.datasets] == [d.format for d in orig.spec.datasets]
+    for stage, before in zip(obj.spec.stages, orig.spec.stages, strict=True):
+        keep = {"name", "type", "peft", "rewards", "suites", "merge", "from_"}
+        assert stage.model_dump(include=keep) == before.model_dump(include=keep), stage.name
+        assert stage.data == before.data
+        assert stage.resources.gpus == 0
+        assert stage.resources.node_selector == {"temper.dev/node-pool": "exec"}
+        assert not stage.resources.tolerations
+    for stage in out["spec"]["stages"]:
+        if "hyperparameters" in stage:
+            assert stage["hyperparameters"]["maxSteps"] <= HERMETIC_STEPS
+            assert "epochs" not in stage["hyperparameters"]
