@@ -10,7 +10,8 @@ would: the ``temper-s3`` and ``hf-token`` Secrets, the ``model-cache`` claim, th
 ``s3://temper/``, and the Hub repositories (olah, a real Hub mirror on loopback, named by the
 chart's ``trainer.hubEndpoint``).
 
-Expected outcomes: every run Succeeds with a Ready Adapter per publishing stage, except
+The quickstart is left to ``test_quickstart.py``, which applies it as written (full steps).
+Expected outcomes: every other run Succeeds with a Ready Adapter per publishing stage, except
 ``peft-qlora`` (bitsandbytes 4-bit needs CUDA), which Fails with a message naming CUDA while its
 neighbours finish. The continual example runs two triggered cycles (the second replays the first's
 data); the adapter examples then run on its outputs: ``adapter-retire`` is applied active (its
@@ -56,6 +57,8 @@ PRIORITY_CLASS = "training-low"
 GPU_ONLY = {"peft-qlora": ("sft", ("qlora", "CUDA"))}
 CONTINUAL = "continual-replay-gates"
 ADAPTER_EXAMPLES = ("adapter-merge", "adapter-retire")
+# Examples another e2e test applies as written, with stronger assertions than a few steps allow.
+COVERED_ELSEWHERE = {"quickstart": "tests/e2e/test_quickstart.py (its full steps, learning and dashboards)"}
 WAIT = 1200.0
 
 
@@ -413,8 +416,14 @@ def test_every_example_runs_through_the_helm_installed_operator(
         hermetic = {
             stem: for_hermetic_cluster(doc, namespace=namespace, bucket=bucket) for stem, doc in docs.items()
         }
-        runs = {stem: d for stem, d in hermetic.items() if d["kind"] == "PostTrainingRun"}
-        assert set(runs) | set(ADAPTER_EXAMPLES) == set(docs), "an example this test does not run"
+        runs = {
+            stem: d
+            for stem, d in hermetic.items()
+            if d["kind"] == "PostTrainingRun" and stem not in COVERED_ELSEWHERE
+        }
+        assert set(runs) | set(ADAPTER_EXAMPLES) | set(COVERED_ELSEWHERE) == set(docs), (
+            "an example no test runs"
+        )
         annotations = runs[CONTINUAL]["metadata"].setdefault("annotations", {})
         annotations["temper.dev/trigger-cycle"] = "1"  # kubectl annotate: the schedule is weekly
         ex.apply(cluster, list(runs.values()), tmp_path / "examples.yaml")
@@ -442,7 +451,7 @@ def test_every_example_runs_through_the_helm_installed_operator(
             "outcomes": dict(sorted(ex.rows.items())),
         }
         print("examples e2e:", json.dumps(report, indent=1))
-        assert set(ex.rows) == set(docs), set(docs) - set(ex.rows)
+        assert set(ex.rows) | set(COVERED_ELSEWHERE) == set(docs), set(docs) - set(ex.rows)
     finally:
         with cluster.api_client() as api_client:
             client.CoreV1Api(api_client).delete_persistent_volume(pv)
