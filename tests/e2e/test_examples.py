@@ -16,8 +16,8 @@ Expected outcomes: every other run Succeeds with a Ready Adapter per publishing 
 neighbours finish. The continual example runs two triggered cycles (the second replays the first's
 data); the adapter examples then run on its outputs: ``adapter-retire`` is applied active (its
 comment's first step), ``adapter-merge`` merges it with a second catalogued adapter (``legal-g3``,
-registered here over cycle 2's output), then ``adapter-retire`` as written retires it and its
-files are deleted.
+registered here over cycle 2's output), then ``adapter-retire`` as written retires it; its files
+stay, because the operator's own Adapter of that stage still catalogues them.
 """
 
 from __future__ import annotations
@@ -320,18 +320,22 @@ def _continual_and_adapters(ex: Examples, cluster: Cluster, hermetic: dict[str, 
     assert artifact.ok, artifact.problems
     ex.rows["adapter-merge"] = f"{merged} Ready (linear, verified)"
 
-    # adapter-retire.yaml as written: retired, and (onRetire: delete) its files are deleted.
+    # adapter-retire.yaml as written: retired with onRetire: delete. The operator's own Adapter of
+    # cycle 1's sft stage catalogues the same manifest and is still live, so the files are kept and
+    # the condition names it (nothing is lost); retention's deletion itself is test_adapter_lifecycle's.
     ex.apply(cluster, [retire], tmp / "adapter-retire.yaml")
     uri = retire["spec"]["artifact"]["uri"]
 
-    def deleted() -> bool:
+    def kept() -> dict[str, Any] | None:
         conds = ((ex.adapter(support) or {}).get("status") or {}).get("conditions") or []
-        gone = any(c["type"] == "ArtifactDeleted" and c["status"] == "True" for c in conds)
-        return gone and not ex.storage.exists(uri)
+        return next((c for c in conds if c["type"] == "ArtifactDeleted"), None)
 
-    _wait(f"{support}'s files deleted", deleted, 120, ex.detail)
+    condition = _wait(f"{support}'s retention decision", kept, 120, ex.detail)
+    assert (condition["status"], condition["reason"]) == ("False", "RetentionRefused"), condition
+    assert "still catalogued by Adapter" in condition["message"], condition
+    assert ex.storage.exists(uri), "a live Adapter's files were deleted"
     assert (ex.adapter(support) or {})["status"]["phase"] == "Retired"  # Ready stays: docs/gitops.md
-    ex.rows["adapter-retire"] = f"{support} retired, {uri.rsplit('/', 1)[0]}/ deleted"
+    ex.rows["adapter-retire"] = f"{support} retired; files kept: {condition['message']}"
 
 
 def _assert_hub_run(ex: Examples, run: dict[str, Any], shas: dict[str, str], hub: OlahHub) -> None:

@@ -8,6 +8,7 @@ import pytest
 from temper.api.contract import Manifest
 from temper.continual.lifecycle import (
     LifecycleError,
+    artifact_sharers,
     check_transition,
     lifecycle_of,
     objects_to_delete,
@@ -89,3 +90,26 @@ def test_objects_to_delete_refuses_paths_outside_the_folder(bad: str) -> None:
 def test_objects_to_delete_needs_a_manifest_uri() -> None:
     with pytest.raises(LifecycleError, match=r"spec\.artifact\.uri"):
         objects_to_delete("s3://ad/run/sft/", manifest([]))
+
+
+def test_retention_keeps_files_another_live_adapter_catalogues() -> None:
+    uri = "s3://b/runs/r/cycles/1/g1/sft/manifest.json"
+
+    def cat(name: str, lifecycle: str = "active", uri: str = uri, deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"namespace": "ns", "name": name}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+        return {"metadata": meta, "spec": {"artifact": {"uri": uri}, "lifecycle": lifecycle}}
+
+    me = cat("hand-registered", "retired")
+    others = [
+        me,
+        cat("r-sft-g1"),  # the operator's own Adapter of that stage: live, same manifest
+        cat("old", "retired"),
+        cat("going", deleting=True),
+        cat("elsewhere", uri="s3://b/other/manifest.json"),
+        # another tenant naming the same objects cannot hold them (it has no authority over them)
+        {"metadata": {"namespace": "ns2", "name": "r-sft-g1"}, "spec": {"artifact": {"uri": uri}}},
+    ]
+    assert artifact_sharers(me, others) == ["ns/r-sft-g1"]
+    assert artifact_sharers(me, [me, cat("old", "retired")]) == []

@@ -6,7 +6,7 @@ never promoted nor merged). ``spec.retention.onRetire``: ``keep`` (default) leav
 on deletion, removes *exactly* the files its manifest lists plus the manifest itself — never a
 prefix listing, so nothing else sharing the folder (other attempts, checkpoints, other adapters)
 can be removed. Files go first and the manifest last, so an interrupted cleanup can resume from
-the manifest.
+the manifest. Nothing is deleted while another live Adapter catalogues the same manifest.
 
 Authority (docs/security.md, "Storage authority"): the objects are deleted only if temper
 published that manifest for the Adapter's own namespace (its ``lineage.run.namespace``), or, for
@@ -16,7 +16,7 @@ a manifest temper did not publish, if this Adapter verified exactly those bytes 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -79,6 +79,29 @@ def should_delete_artifact(adapter: Mapping[str, Any], *, deleting: bool) -> boo
     if artifact_deleted(adapter) or retention_refused(adapter):
         return False
     return deleting or lifecycle_of(adapter) == "retired"
+
+
+def artifact_sharers(adapter: Mapping[str, Any], others: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Other live Adapters of its namespace (``namespace/name``) cataloguing this Adapter's
+    manifest: retention must keep the files for them (the operator's own Adapter of a stage and a
+    hand-registered one may name the same manifest). A retired or deleting one no longer counts."""
+    uri = ((adapter.get("spec") or {}).get("artifact") or {}).get("uri")
+    me = _key(adapter)
+    out = []
+    for other in others:
+        meta = other.get("metadata") or {}
+        same = ((other.get("spec") or {}).get("artifact") or {}).get("uri") == uri
+        # Another namespace's Adapter has no authority over these objects, so it cannot hold them.
+        if not same or _key(other) == me or meta.get("deletionTimestamp") or _key(other)[0] != me[0]:
+            continue
+        if (other.get("spec") or {}).get("lifecycle") != "retired":  # anything else: still live
+            out.append("/".join(_key(other)))
+    return sorted(out)
+
+
+def _key(adapter: Mapping[str, Any]) -> tuple[str, str]:
+    meta = adapter.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
 
 def objects_to_delete(manifest_uri: str, manifest: Manifest) -> list[str]:

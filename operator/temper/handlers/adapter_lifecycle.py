@@ -134,9 +134,14 @@ async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[st
     uri = str(artifact.get("uri", ""))
     verified = ((adapter.get("status") or {}).get("artifact") or {}).get("sha256")
     refusal = rt.adapter_policy(adapter)
+    sharers = lifecycle.artifact_sharers(adapter, rt.caches.adapters.values())
     try:
         if refusal:
             raise lifecycle.RetentionRefused("; ".join(refusal))
+        if sharers:
+            raise lifecycle.RetentionRefused(
+                f"spec.artifact.uri: still catalogued by Adapter {', '.join(sharers)}; the files are kept"
+            )
         storage = await rt.storage.get(namespace, artifact)
         result = await rt.storage.run(lambda: lifecycle.delete_artifact(storage, uri, namespace, verified))
     except lifecycle.RetentionRefused as exc:
