@@ -57,7 +57,8 @@ BASE_RUN: Manifest = {
                 "type": "eval",
                 "from": "grpo",
                 "suites": [
-                    {"name": "old", "dataset": "heldout", "metric": "exact_match", "maxRegression": 0.01}
+                    {"name": "old", "dataset": "heldout", "metric": "exact_match", "maxRegression": 0.01},
+                    {"name": "taste", "dataset": "prompts", "metric": "judge", "judge": {"stage": "rm"}},
                 ],
             },
             {
@@ -222,6 +223,34 @@ INVALID_CASES: list[Case] = [
     ),
     _run("suite-undeclared-dataset", "stages.4.suites.0.dataset", "nope", "suites", "dataset"),
     _run("suite-bad-metric", "stages.4.suites.0.metric", "bleu", "stages[4].suites[0].metric"),
+    _run("judge-suite-without-judge", "stages.4.suites.1.judge", None, "stages[4].suites[1]", "judge"),
+    _run(
+        "judge-on-exact-match",
+        "stages.4.suites.0.judge",
+        {"adapter": "rm-v1"},
+        "stages[4].suites[0]",
+        "judge",
+    ),
+    _run(
+        "judge-both-stage-and-adapter",
+        "stages.4.suites.1.judge",
+        {"stage": "rm", "adapter": "rm-v1"},
+        "stages[4].suites[1].judge",
+        "stage",
+    ),
+    _run(
+        "judge-neither-stage-nor-adapter", "stages.4.suites.1.judge", {}, "stages[4].suites[1].judge", "stage"
+    ),
+    _run(
+        "judge-stage-not-reward-model",
+        "stages.4.suites.1.judge.stage",
+        "dpo",
+        "judge.stage",
+        "reward-model stage",
+    ),
+    _run(
+        "judge-stage-later", "stages.4.suites.1.judge.stage", "merged", "judge.stage", "earlier reward-model"
+    ),
     _run("merge-one-source", "stages.5.merge.sources", [{"stage": "sft"}], "stages[5].merge.sources"),
     _run("merge-stage-without-merge", "stages.5.merge", None, "stages[5]", "merge"),
     _run(

@@ -13,7 +13,7 @@ from temper.api.run import PostTrainingRun, PostTrainingRunStatus
 from temper.builders import stage_contract
 from temper.metrics import STAGE_DRIFT, set_drift
 from temper.planner import Observed, plan
-from temper.planner.evals import gate_message, verdicts
+from temper.planner.evals import adapter_evals, gate_message, verdicts
 
 from tests.unit.test_planner import CONFIG, NOW, conds, job, ready_adapter, sample_run
 
@@ -253,3 +253,76 @@ def test_a_cycle_carries_the_drift_of_the_stage_that_produced_its_adapter() -> N
     }
     assert cycle_drift(child, "bot-g2-sft-g1") == {"klToParent": 0.04, "klToBase": 0.3}
     assert cycle_drift(child, None) is None
+
+
+def _judge_run(judge: dict[str, str]) -> dict[str, Any]:
+    run = gated_run()
+    run["spec"]["datasets"].append(
+        {"name": "asks", "uri": "builtin://arith?n=8&split=eval", "format": "prompt"}
+    )
+    run["spec"]["stages"][2]["suites"].append(
+        {"name": "taste", "dataset": "asks", "metric": "judge", "judge": judge, "maxRegression": 0.1}
+    )
+    return run
+
+
+def _eval_contract(p: Any) -> StageContract:
+    (created,) = [o for o in p.create if o["kind"] == "Job"]
+    env = {e["name"]: e.get("value") for e in created["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return StageContract.from_env(env["TEMPER_STAGE_CONTRACT"])
+
+
+def test_a_judge_suite_waits_for_its_reward_model_adapter_and_carries_its_manifest() -> None:
+    run = _judge_run({"adapter": "rm-v1"})
+    jobs = [
+        job("sft", outcome="Complete", result={"manifestUri": SFT}),
+        job("align", outcome="Complete", result={"manifestUri": ALIGN}),
+    ]
+    adapters = {a.name: a for a in (ready_adapter("sft"), ready_adapter("align"))}
+    waiting = plan(run, Observed(jobs=jobs, adapters=adapters), NOW, CONFIG)
+    assert not [o for o in waiting.create if o["kind"] == "Job"]  # not Ready (or absent): no Job
+    regress = waiting.status["stages"][2]
+    assert regress["message"] == "spec.stages[2].suites[2].judge: Adapter 'rm-v1' not found or not Ready"
+    rm = AdapterRef(name="rm-v1", manifest_uri="s3://bucket/adapters/rm-v1/manifest.json")
+    observed = Observed(jobs=jobs, adapters=adapters, external_adapters={"rm-v1": rm})
+    contract = _eval_contract(plan(run, observed, NOW, CONFIG))
+    taste = contract.suites[2]
+    assert (taste.metric, taste.judge, taste.max_regression) == ("judge", rm, 0.1)
+    assert [s.judge for s in contract.suites[:2]] == [None, None]
+
+
+def test_a_judge_suite_names_an_earlier_reward_model_stage() -> None:
+    run = _judge_run({"stage": "rm"})
+    run["spec"]["stages"].insert(2, {"name": "rm", "type": "reward-model", "data": {"train": ["prefs"]}})
+    rm_uri = "s3://bucket/runs/r1/g1/rm/manifest.json"
+    jobs = [
+        job("sft", outcome="Complete", result={"manifestUri": SFT}),
+        job("align", outcome="Complete", result={"manifestUri": ALIGN}),
+        job("rm", outcome="Complete", result={"manifestUri": rm_uri}),
+    ]
+    adapters = {a.name: a for a in (ready_adapter("sft"), ready_adapter("align"), ready_adapter("rm"))}
+    contract = _eval_contract(plan(run, Observed(jobs=jobs, adapters=adapters), NOW, CONFIG))
+    assert contract.suites[2].judge == AdapterRef(name="r1-rm-g1", manifest_uri=rm_uri)
+
+
+def test_a_judge_gate_fails_on_a_lower_mean_reward_and_reports_the_win_rate() -> None:
+    from temper.api.contract import SuiteResult
+
+    result = SuiteResult(
+        suite="taste",
+        metric="judge",
+        value=0.4,
+        baseline=0.5,
+        baseline_source="adapter r1-sft-g1",
+        max_regression=0.1,
+        win_rate=0.25,
+    )
+    found = verdicts([result])
+    assert found[0].outcome == "Failed"
+    assert gate_message(found) == (
+        "regression gate failed: suite taste judge: baseline 0.5 (adapter r1-sft-g1) -> 0.4, "
+        "drop 20.00% exceeds maxRegression 10.00%, win rate 0.25"
+    )
+    entry = adapter_evals(found, run="r1", stage="regress", cycle=1, time=None)["taste"]
+    assert entry["winRate"] == 0.25
+    AdapterStatus.model_validate({"evals": {"taste": entry}})

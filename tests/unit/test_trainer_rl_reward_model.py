@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from temper.api.contract import EXIT_OK
+from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK
 
 from tests.unit.trainer_helpers import RlStages, rl_fixture  # noqa: F401  (the rl fixture)
 
@@ -119,6 +119,44 @@ def test_reward_model_learns_the_preference_and_loads_the_stock_way_then_drives_
     # first tuned on, but GRPO saturates near +0.24 here (40 or 80 steps alike), on the old loop too.
     assert grpo["metrics"]["eval/reward"] > grpo["metrics"]["eval/reward_before"] + 0.15, grpo["metrics"]
     assert grpo["metrics"]["train/reward"] > grpo["metrics"]["train/reward_first"]
+    judge_an_eval_stage_with_it(rl, result["manifestUri"], grpo["manifestUri"])
+
+
+def judge_an_eval_stage_with_it(rl: RlStages, rm_manifest: str, grpo_manifest: str) -> None:
+    """An eval stage's judge suite scores grpo's adapter with the same reward model: above the
+    base model's completions (the baseline), a zero-regression gate on it holds."""
+    heldout = {"name": "sums-heldout", "uri": "builtin://arith?n=20&split=eval", "format": "prompt"}
+    doc = rl.doc(
+        "judged",
+        "eval",
+        parent={"name": "rl-rm", "manifestUri": grpo_manifest},
+        suites=[
+            {
+                "name": "taste",
+                "dataset": heldout,
+                "metric": "judge",
+                "judge": {"name": "rm", "manifestUri": rm_manifest},
+                "maxRegression": 0.0,
+            }
+        ],
+        hyperparameters={"maxNewTokens": 8},
+    )
+    code, judged = rl.run(doc)
+    assert code == EXIT_OK, judged
+    (taste,) = judged["evals"]
+    assert (taste["metric"], taste["examples"], taste["baselineSource"]) == ("judge", 20, "base model")
+    assert taste["value"] > taste["baseline"] + 0.1, taste
+    assert taste["winRate"] > 0.5, taste
+    assert judged["metrics"]["suite/taste/judge"] == taste["value"]
+    assert judged["metrics"]["suite/taste/judge_win_rate"] == taste["winRate"]
+    # A judge that is no reward model is refused, naming the suite's field.
+    doc["stage"]["name"] = "misjudged"
+    doc["output"]["prefix"] = doc["output"]["prefix"].replace("judged", "misjudged")
+    doc["suites"][0]["judge"] = {"name": "rl-rm", "manifestUri": grpo_manifest}
+    code, refused = rl.run(doc)
+    assert code == EXIT_INVALID_INPUT, refused
+    assert "suites[taste].judge" in refused["error"], refused
+    assert "not a reward-model stage" in refused["error"], refused
 
 
 def test_synthetic_preferences_writes_valid_correctly_ordered_pairs(rl: RlStages) -> None:

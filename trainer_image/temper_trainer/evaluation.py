@@ -329,6 +329,26 @@ def self_bleu(groups: Sequence[Sequence[str]]) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def judge_scores(
+    model: Any, tokenizer: Any, records: Sequence[Record], scorer: Any, *, max_new_tokens: int = 8
+) -> list[float]:
+    """A reward model's (``scorer``: ``temper_trainer.rewards.ScoreFn``) score of each record's
+    greedy completion, on the record's prompt text."""
+    from temper_trainer.rewards import Candidate
+
+    prompts = [_generation_prompt(r, tokenizer) for r in records]
+    texts = [prompt_and_target(r, tokenizer)[0] for r in records]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    scores = scorer([Candidate(p, c, None) for p, c in zip(texts, completions, strict=True)])
+    return [float(x) for x in scores]
+
+
+def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """Share of prompts where ``ours`` scores above ``theirs`` (ties count half)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+    return sum(wins) / max(len(wins), 1)
+
+
 def judge(
     model: Any,
     tokenizer: Any,
@@ -338,24 +358,18 @@ def judge(
     reference: Any = None,
     max_new_tokens: int = 8,
 ) -> dict[str, float]:
-    """A reward model's (``scorer``: ``temper_trainer.rewards.ScoreFn``) mean score of the model's
-    greedy completions, and the share it scores above the reference's (ties count half)."""
-    from temper_trainer.rewards import Candidate
+    """The judge's mean score of the model's greedy completions, and the win rate against the
+    reference's (None: the base model, by disabling the adapters; none for a model without them)."""
+    import contextlib
 
-    prompts = [_generation_prompt(r, tokenizer) for r in records]
-    texts = [prompt_and_target(r, tokenizer)[0] for r in records]
-    ours = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    scores = scorer([Candidate(p, c, None) for p, c in zip(texts, ours, strict=True)])
-    out = {"judge": sum(scores) / max(len(scores), 1)}
+    ours = judge_scores(model, tokenizer, records, scorer, max_new_tokens=max_new_tokens)
+    out = {"judge": sum(ours) / max(len(ours), 1)}
     if reference is not None or hasattr(model, "disable_adapter"):
-        import contextlib
-
         ref_ctx = model.disable_adapter() if reference is None else contextlib.nullcontext()
         with ref_ctx:
-            theirs = generate(reference or model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-        ref_scores = scorer([Candidate(p, c, None) for p, c in zip(texts, theirs, strict=True)])
-        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores, strict=True)]
-        out["judge_win_rate"] = sum(wins) / max(len(wins), 1)
+            other = reference or model
+            theirs = judge_scores(other, tokenizer, records, scorer, max_new_tokens=max_new_tokens)
+        out["judge_win_rate"] = win_rate(ours, theirs)
     return out
 
 

@@ -214,10 +214,11 @@ def build_rewards(ctx: StageContext) -> RewardSet:
 
 
 def published_scorer(ctx: StageContext, ref: AdapterRef, where: str) -> ScoreFn:
-    """A published reward model as a scorer (rewards, and the eval suites' ``judge``)."""
-    folder = ctx.fetch_adapter(ref)
+    """A published reward model as a scorer (rewards, the eval suites' ``judge``); errors name ``where``."""
     try:
-        model, tokenizer = load_reward_model(folder, ctx.storage, ctx.device)
+        model, tokenizer = load_reward_model(ctx.fetch_adapter(ref), ctx.storage, ctx.device)
+    except InvalidInput as exc:  # not downloadable or not verified
+        raise InvalidInput(f"{where}: {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"{where} ({ref.manifest_uri}): {exc}") from exc
     return reward_model_scorer(model, tokenizer, ctx.device, ctx.contract.hyperparameters.max_length)

@@ -215,6 +215,13 @@ class AdapterEval(ApiModel):
     )
     max_regression: float | None = doc("The suite's maxRegression, if gated.", default=None, ge=0)
     regression: float | None = doc("Relative drop from the baseline; positive is worse.", default=None)
+    win_rate: float | None = doc(
+        "judge suites: share of prompts whose completion the judge scores above the baseline's (ties "
+        "count half).",
+        default=None,
+        ge=0,
+        le=1,
+    )
     outcome: Literal["Passed", "Failed", "NoBaseline", "Reported"] = doc(
         "The regression gate's verdict; Reported when the suite has no maxRegression."
     )

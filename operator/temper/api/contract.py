@@ -22,7 +22,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONTRACT_ENV = "TEMPER_STAGE_CONTRACT"
 CONTRACT_KIND = "StageContract"
@@ -176,7 +176,7 @@ class AdapterRef(_Strict):
     weight: float = 1.0  # merge only
 
 
-# The suite metrics a PostTrainingRun may name (api.run re-uses this); the trainer also knows judge.
+# The suite metrics a PostTrainingRun may name (api.run re-uses this).
 Metric = Literal[
     "exact_match",
     "loss",
@@ -187,15 +187,22 @@ Metric = Literal[
     "kl_to_reference",
     "safety",
     "robustness",
+    "judge",
 ]
 
 
 class EvalSuite(_Strict):
     name: str
     dataset: DatasetSpec
-    metric: Metric | Literal["judge"]
+    metric: Metric
     max_regression: float | None = Field(None, alias="maxRegression", ge=0)
     judge: AdapterRef | None = None  # judge: the reward model that scores completions
+
+    @model_validator(mode="after")
+    def _judge_only_for_judge(self) -> EvalSuite:
+        if (self.metric == "judge") != (self.judge is not None):
+            raise ValueError("judge: a judge suite needs judge (the reward model); other metrics take none")
+        return self
 
 
 class MergeSpec(_Strict):
@@ -311,6 +318,8 @@ class SuiteResult(_Strict):
     max_regression: float | None = Field(None, alias="maxRegression", ge=0)
     baseline: float | None = None  # the same suite on the baseline model, when gated
     baseline_source: str | None = Field(None, alias="baselineSource")  # "adapter <name>" or "base model"
+    # judge: share of prompts the judge scores above the baseline's completion (ties half)
+    win_rate: float | None = Field(None, alias="winRate", ge=0, le=1)
 
 
 class StageResult(_Strict):

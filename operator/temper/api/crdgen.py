@@ -320,7 +320,8 @@ NOTES = f"""\
 - **Stage replay** is `data.replay: {{ratio, datasets: [names], sampling, maxExamples, seed}}`
   (the sketch's `from:` became a list of dataset names).
 - **Rewards** name their scorer explicitly: `{{type: reward-model, stage: rm}}` (an earlier reward-model
-  stage) or `{{adapter: name}}`; regex and length rewards carry `pattern` / `targetLength`.
+  stage) or `{{adapter: name}}`; regex and length rewards carry `pattern` / `targetLength`. A `judge`
+  eval suite names its reward model the same way, `judge: {{stage: rm}}` or `judge: {{adapter: name}}`.
 - **synthetic-preferences is one stage**: it samples `numGenerations` completions per prompt, a
   teacher scores them (its `rewards`: a reward-model Adapter or stage, and/or built-in functions),
   best-vs-worst pairs at least `hyperparameters.minMargin` apart are kept, and the dpo stage's
@@ -330,7 +331,7 @@ NOTES = f"""\
   and task come from that entry. `continual.replay.ratio` lies in [0, 1) (all-replay would learn
   nothing new); a stage's own `data.replay.ratio` lies in [0, 1].
 - **Cross-references in CEL** use two-variable comprehensions (`self.all(i, s, ...)`, Kubernetes ≥ 1.33)
-  to check that `from`, merge sources and reward-model rewards name *earlier* stages.
+  to check that `from`, merge sources, reward-model rewards and judges name *earlier* stages.
 - **Merge** works in both kinds: a `merge` stage (`merge.sources[]` name earlier stages or Adapters)
   and a hand-written Adapter with `spec.merge.sources[]` naming Adapters.
 - **Immutability.** PostTrainingRun: `baseModel`, `storage` and `stages` can never change (a changed

@@ -336,8 +336,39 @@ class Reward(ApiModel):
 Metric = contract.Metric
 
 
+_JUDGE_SOURCE = "stage: a judge names exactly one of stage or adapter"
+_JUDGE_ONLY = "judge: a judge suite needs judge (its reward model); other metrics take none"
+
+
+class SuiteJudge(ApiModel):
+    """The reward model a judge suite scores completions with: an earlier stage's or an Adapter."""
+
+    model_config = {
+        "json_schema_extra": cel(rule("has(self.stage) != has(self.adapter)", _JUDGE_SOURCE, ".stage"))
+    }
+
+    stage: str | None = doc(
+        "An earlier reward-model stage of this run.", default=None, max_length=STAGE_NAME_MAX
+    )
+    adapter: str | None = doc(
+        "A Ready Adapter in this namespace, published by a reward-model stage.",
+        default=None,
+        max_length=DNS_SUBDOMAIN_MAX,
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SuiteJudge:
+        if (self.stage is None) == (self.adapter is None):
+            raise FieldError(_JUDGE_SOURCE)
+        return self
+
+
 class EvalSuite(ApiModel):
     """A named evaluation: one metric on one dataset, optionally a regression gate."""
+
+    model_config = {
+        "json_schema_extra": cel(rule("(self.metric == 'judge') == has(self.judge)", _JUDGE_ONLY, ".judge"))
+    }
 
     name: str = doc(
         "Suite name; results are reported as suite/<name>/<metric>.",
@@ -349,7 +380,12 @@ class EvalSuite(ApiModel):
         "exact_match, loss, perplexity, preference_accuracy (preference datasets), distinct_n or self_bleu "
         "(diversity; self_bleu near 1 is mode collapse), kl_to_reference (mean per-token KL to the "
         "baseline model on the dataset's completions: drift), safety (pass rate on records labelled "
-        "expected: refuse|comply) or robustness (exact_match under seeded prompt perturbations)."
+        "expected: refuse|comply), robustness (exact_match under seeded prompt perturbations) or judge "
+        "(the mean score judge's reward model gives the greedy completions; also reported: "
+        "suite/<name>/judge_win_rate, the share of prompts it scores above the baseline's completion)."
+    )
+    judge: SuiteJudge | None = doc(
+        "The reward model of a judge suite (required for metric judge, forbidden otherwise).", default=None
     )
     max_regression: float | None = doc(
         "Largest tolerated relative drop against the baseline, measured in the same eval stage: the "
@@ -360,6 +396,12 @@ class EvalSuite(ApiModel):
         default=None,
         ge=0,
     )
+
+    @model_validator(mode="after")
+    def _judge_only_for_judge(self) -> EvalSuite:
+        if (self.metric == "judge") != (self.judge is not None):
+            raise FieldError(_JUDGE_ONLY)
+        return self
 
 
 _MERGE_SOURCE = "stage: a merge source names exactly one of stage or adapter"
@@ -866,6 +908,7 @@ class StorageSpec(S3Options):
 _FROM_EARLIER = "from: must name an earlier stage"
 _REWARD_STAGE = "rewards[].stage: must name an earlier reward-model stage"
 _MERGE_STAGE = "merge.sources[].stage: must name an earlier stage"
+_JUDGE_STAGE = "suites[].judge.stage: must name an earlier reward-model stage"
 _STAGE_NAMES_UNIQUE = "name: stage names must be unique"
 _DATASET_NAMES_UNIQUE = "name: dataset names must be unique"
 _DATA_DECLARED = "data: every dataset a stage names must be declared in spec.datasets"
@@ -984,6 +1027,13 @@ class PostTrainingRunSpec(ApiModel):
                     _REWARD_STAGE,
                 ),
                 rule(
+                    "self.all(i, s, !has(s.suites) || s.suites.all(x, !has(x.judge) || "
+                    + "!has(x.judge.stage) || "
+                    + _earlier("x.judge.stage", " && p.type == 'reward-model'")
+                    + "))",
+                    _JUDGE_STAGE,
+                ),
+                rule(
                     "self.all(i, s, !has(s.merge) || s.merge.sources.all(m, !has(m.stage) || "
                     + _earlier("m.stage")
                     + "))",
@@ -1013,6 +1063,14 @@ class PostTrainingRunSpec(ApiModel):
                     raise FieldError(
                         f"{where}.suites[{j}].dataset: must name a dataset in spec.datasets (got "
                         f"{suite.dataset!r})"
+                    )
+                ref = suite.judge.stage if suite.judge else None
+                if ref is not None and not (
+                    position.get(ref, i) < i and self.stages[position[ref]].type == "reward-model"
+                ):
+                    raise FieldError(
+                        f"{where}.suites[{j}].judge.stage: must name an earlier reward-model stage "
+                        f"(got {ref!r})"
                     )
             if stage.type in PREFERENCE_TYPES and stage.data:
                 for name in stage.data.train:

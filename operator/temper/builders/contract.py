@@ -45,7 +45,7 @@ def stage_contract(
     adapters: Mapping[str, c.AdapterRef] | None = None,
 ) -> c.StageContract:
     """``stage_outputs``: earlier stages' published adapters by stage name; ``adapters``: Adapter
-    objects named by the stage (reward models, merge sources). A missing one raises
+    objects named by the stage (reward models, judges, merge sources). A missing one raises
     :class:`UnresolvedReference` naming the field."""
     spec = run.spec
     index = next(i for i, s in enumerate(spec.stages) if s.name == stage.name)
@@ -116,9 +116,13 @@ def stage_contract(
         rewards=rewards,
         suites=[
             c.EvalSuite(
-                name=s.name, dataset=spec.dataset(s.dataset), metric=s.metric, max_regression=s.max_regression
+                name=s.name,
+                dataset=spec.dataset(s.dataset),
+                metric=s.metric,
+                max_regression=s.max_regression,
+                judge=resolve(f"suites[{j}].judge", s.judge.stage, s.judge.adapter) if s.judge else None,
             )
-            for s in stage.suites
+            for j, s in enumerate(stage.suites)
         ],
         merge=c.MergeSpec(method=stage.merge.method, density=stage.merge.density) if stage.merge else None,
         merge_sources=merge_sources,

@@ -3,7 +3,7 @@
 Forgetting is the *relative drop* from the baseline, signed so that positive is worse whatever
 the metric's direction::
 
-    higher is better (exact_match, preference_accuracy, distinct_n, safety, robustness):
+    higher is better (exact_match, preference_accuracy, distinct_n, safety, robustness, judge):
         (baseline - current) / |baseline|
     lower is better (loss, perplexity, self_bleu, kl_to_reference): (current - baseline) / |baseline|
 
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "self_bleu", "kl_to_reference"})
-HIGHER_IS_BETTER = frozenset({"exact_match", "preference_accuracy", "distinct_n", "safety", "robustness"})
+HIGHER_IS_BETTER = frozenset(
+    {"exact_match", "preference_accuracy", "distinct_n", "safety", "robustness", "judge"}
+)
 
 GateOutcome = Literal["Passed", "Failed", "NoBaseline", "Missing"]
 

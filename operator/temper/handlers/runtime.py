@@ -361,12 +361,13 @@ class Runtime:
             adapter = self.caches.adapters.get((ns, name))
             if adapter is not None:
                 owned[name] = ObservedAdapter.from_k8s(adapter)
-        # Adapters the run names but does not own: reward models, merge sources, and the
-        # promoted adapter a continual cycle continues from.
+        # Adapters the run names but does not own: reward models, judges, merge sources, and the
+        # promoted adapter a continual cycle continues from; same namespace only.
         annotations = (run.get("metadata") or {}).get("annotations") or {}
         names = [annotations.get(PARENT_ADAPTER_ANNOTATION)]
         for stage in (run.get("spec") or {}).get("stages") or []:
             names += [r.get("adapter") for r in stage.get("rewards") or []]
+            names += [(x.get("judge") or {}).get("adapter") for x in stage.get("suites") or []]
             names += [m.get("adapter") for m in (stage.get("merge") or {}).get("sources") or []]
         external: dict[str, AdapterRef] = {}
         for name in filter(None, names):

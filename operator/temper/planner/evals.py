@@ -38,9 +38,10 @@ class SuiteVerdict:
             return f"suite {r.suite} {r.metric}={r.value} is not a number (baseline {r.baseline})"
         verb = "exceeds" if self.outcome == "Failed" else "within"
         drop, limit = 100 * (self.regression or 0.0), 100 * (r.max_regression or 0.0)
+        wins = "" if r.win_rate is None else f", win rate {r.win_rate:.3g}"
         return (
             f"suite {r.suite} {r.metric}: baseline {r.baseline:.4g} ({r.baseline_source}) -> {r.value:.4g}, "
-            f"drop {drop:.2f}% {verb} maxRegression {limit:.2f}%"
+            f"drop {drop:.2f}% {verb} maxRegression {limit:.2f}%{wins}"
         )
 
 
@@ -88,6 +89,7 @@ def adapter_evals(
             "baselineSource": r.baseline_source,
             "maxRegression": r.max_regression,
             "regression": None if v.regression is None else round(v.regression, 6),
+            "winRate": r.win_rate,
             "outcome": v.outcome,
             "run": run,
             "stage": stage,

@@ -2,12 +2,13 @@
 
 Metric keys: ``eval/exact_match`` (+ ``eval/exact_match/<task>``), ``eval/loss``,
 ``eval/preference_accuracy`` for the stage's ``data.eval``; ``suite/<name>/<metric>`` for each
-``contract.suites`` entry. Each suite with ``maxRegression`` is also measured on the baseline
-(``contract.baseline``: the evaluated adapter's parent, else the base model) in this same stage;
-the operator's gate compares the two. The results (``SuiteResult``: suite, metric, value,
-examples, maxRegression, baseline, baselineSource) go to the StageResult, the manifest and
-``eval_results.json``. The eval stage's artifact is no Adapter: the operator writes the results to
-the evaluated Adapter's ``status.evals``.
+``contract.suites`` entry (judge suites also ``suite/<name>/judge_win_rate``). Each suite with
+``maxRegression``, and each judge suite, is also measured on the baseline (``contract.baseline``:
+the evaluated adapter's parent, else the base model) in this same stage; the operator's gate
+compares the two, and a judge suite's win rate compares their completions prompt by prompt. The
+results (``SuiteResult``: suite, metric, value, examples, maxRegression, baseline, baselineSource,
+winRate) go to the StageResult, the manifest and ``eval_results.json``. The eval stage's artifact
+is no Adapter: the operator writes the results to the evaluated Adapter's ``status.evals``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from temper_trainer.evaluation import (
     completion_loss,
     evaluate_metric,
     exact_match_by_task,
+    judge_scores,
     preference_accuracy,
+    win_rate,
 )
 from temper_trainer.peft_setup import adapter_method
+from temper_trainer.rewards import ScoreFn, published_scorer
 from temper_trainer.stage import InvalidInput, StageContext, StageOutcome
 from temper_trainer.stages import register_stage
 
@@ -64,30 +68,72 @@ def _suite_records(ctx: StageContext, suites: list[EvalSuite]) -> list[list[Reco
     return out
 
 
-def suite_results(
-    ctx: StageContext, model: Any, tokenizer: Any, suites: list[EvalSuite], records: list[list[Record]]
-) -> list[SuiteResult]:
+def _judges(ctx: StageContext, suites: list[EvalSuite]) -> dict[str, ScoreFn]:
+    """Each judge suite's reward model, downloaded, verified and loaded before anything is measured."""
+    return {
+        s.name: published_scorer(ctx, s.judge, f"suites[{s.name}].judge")
+        for s in suites
+        if s.metric == "judge" and s.judge is not None  # the contract requires judge for judge suites
+    }
+
+
+def _measure(
+    model: Any,
+    tokenizer: Any,
+    suite: EvalSuite,
+    records: list[Record],
+    *,
+    max_new: int,
+    judges: dict[str, ScoreFn],
+) -> tuple[float, list[float] | None]:
+    """A suite's value, and for judge suites the per-prompt scores (for the win rate)."""
+    if suite.metric == "judge":
+        scores = judge_scores(model, tokenizer, records, judges[suite.name], max_new_tokens=max_new)
+        return sum(scores) / max(len(scores), 1), scores
+    return evaluate_metric(model, tokenizer, suite.metric, records, max_new_tokens=max_new), None
+
+
+def suite_results(  # noqa: PLR0917 - one suite list and what it is measured with
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    suites: list[EvalSuite],
+    records: list[list[Record]],
+    judges: dict[str, ScoreFn],
+) -> tuple[list[SuiteResult], dict[int, list[float]]]:
+    """The suites on the evaluated model, and the judge suites' per-prompt scores by suite index."""
     max_new = ctx.contract.hyperparameters.max_new_tokens
-    return [
-        SuiteResult(
-            suite=suite.name,
-            metric=suite.metric,
-            value=evaluate_metric(model, tokenizer, suite.metric, recs, max_new_tokens=max_new),
-            examples=len(recs),
-            max_regression=suite.max_regression,
+    results, scored = [], {}
+    for i, (suite, recs) in enumerate(zip(suites, records, strict=True)):
+        value, scores = _measure(model, tokenizer, suite, recs, max_new=max_new, judges=judges)
+        if scores is not None:
+            scored[i] = scores
+        results.append(
+            SuiteResult(
+                suite=suite.name,
+                metric=suite.metric,
+                value=value,
+                examples=len(recs),
+                max_regression=suite.max_regression,
+            )
         )
-        for suite, recs in zip(suites, records, strict=True)
-    ]
+    return results, scored
 
 
-def measure_baseline(
-    ctx: StageContext, suites: list[EvalSuite], records: list[list[Record]], results: list[SuiteResult]
+def measure_baseline(  # noqa: PLR0917 - suite_results' inputs and outputs
+    ctx: StageContext,
+    suites: list[EvalSuite],
+    records: list[list[Record]],
+    results: list[SuiteResult],
+    judges: dict[str, ScoreFn],
+    scored: dict[int, list[float]],
 ) -> None:
-    """Gated suites on the baseline, in this same stage: the evaluated adapter's parent, else the base.
+    """Gated and judge suites on the baseline, in this same stage: the evaluated adapter's parent,
+    else the base. A judge suite also gets its win rate against the baseline's completions.
 
     An eval of the base model itself (no ``from``) has no baseline: its gates report NoBaseline."""
-    gated = [i for i, s in enumerate(suites) if s.max_regression is not None]
-    if not gated or ctx.contract.parent is None:
+    needed = [i for i, s in enumerate(suites) if s.max_regression is not None or i in scored]
+    if not needed or ctx.contract.parent is None:
         return
     model, tokenizer = ctx.load_base_model()  # fresh: PEFT wrapped the first copy in place
     source = "base model"
@@ -96,9 +142,16 @@ def measure_baseline(
         source = f"adapter {ctx.contract.baseline.name or ctx.contract.baseline.manifest_uri}"
     model.eval()
     max_new = ctx.contract.hyperparameters.max_new_tokens
-    for i in gated:
-        value = evaluate_metric(model, tokenizer, suites[i].metric, records[i], max_new_tokens=max_new)
-        results[i] = results[i].model_copy(update={"baseline": value, "baseline_source": source})
+    for i in needed:
+        if suites[i].metric == "kl_to_reference" and ctx.contract.baseline is None:
+            # kl_to_reference is drift from the base: the base's own is 0 (it has no adapter to disable).
+            results[i] = results[i].model_copy(update={"baseline": 0.0, "baseline_source": source})
+            continue
+        value, scores = _measure(model, tokenizer, suites[i], records[i], max_new=max_new, judges=judges)
+        update: dict[str, Any] = {"baseline": value, "baseline_source": source}
+        if scores is not None:
+            update["win_rate"] = win_rate(scored[i], scores)
+        results[i] = results[i].model_copy(update=update)
 
 
 def evaluate_model(ctx: StageContext, model: Any, tokenizer: Any) -> dict[str, float]:
@@ -114,11 +167,14 @@ def evaluate_suites(
     metrics = heldout_metrics(model, tokenizer, ctx.load_dataset("eval"), max_new)
     suites = ctx.contract.suites
     records = _suite_records(ctx, suites)
-    results = suite_results(ctx, model, tokenizer, suites, records)
+    judges = _judges(ctx, suites)
+    results, scored = suite_results(ctx, model, tokenizer, suites, records, judges)
     if baseline:
-        measure_baseline(ctx, suites, records, results)
+        measure_baseline(ctx, suites, records, results, judges, scored)
     for result in results:
         metrics[f"suite/{result.suite}/{result.metric}"] = float(result.value)
+        if result.win_rate is not None:
+            metrics[f"suite/{result.suite}/judge_win_rate"] = result.win_rate
     if results:
         body = [r.model_dump(by_alias=True, exclude_none=True) for r in results]
         (ctx.artifact_dir / "eval_results.json").write_text(json.dumps(body, indent=2))
