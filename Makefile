@@ -5,7 +5,7 @@ export TEMPER_VENV := $(VENV)
 # Caches outside the clone keep warm CI runs fast; nothing depends on them existing.
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/temper/mypy
 
-.PHONY: all setup host tools venv olah images crds lint typecheck unit test demo clean-cluster
+.PHONY: all setup host tools venv olah images crds lint typecheck unit test examples demo clean-cluster
 
 all: test
 
@@ -50,9 +50,14 @@ unit: venv
 
 # The test command: lint, types, then every test (unit, cluster, e2e) against the
 # hermetic control plane. Cluster tests fail, never skip, if the cluster cannot start.
+# All but the every-example e2e (`make examples`), which alone would push warm CI past 15 min.
 test: setup
 	$(MAKE) --no-print-directory lint typecheck
-	$(PY) -m pytest -q -n 2 --durations=30
+	$(PY) -m pytest -q -n 2 --durations=30 -m "not examples"
+
+# Every file in examples/ through the Helm-installed operator, all at once (~6 min alone).
+examples: setup
+	$(PY) -m pytest -q -s tests/e2e/test_examples.py
 
 # The main job: hermetic cluster + loopback S3 + `helm install` of the operator image + the
 # quickstart pipeline, its trainer pods in the trainer image.

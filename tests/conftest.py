@@ -20,6 +20,15 @@ pytest_plugins = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Here, not in pyproject.toml: the images' dependency layer is keyed by that file.
+    config.addinivalue_line(
+        "markers",
+        "examples: every example through the Helm-installed operator (make examples, ~6 min alone);"
+        " left out of make test, which would take ~20 min warm with it on 2 cores",
+    )
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``pytest -n 2`` (``make test``) each hermetic cluster's tests stay on one worker, so
     each cluster starts once: tests/cluster (process pods) on one, tests/e2e (container pods) on

@@ -49,7 +49,7 @@ from tests.cluster.test_operator_pipeline import Api
 from tests.e2e.conftest import FAST_ENV
 from tests.fixtures.hub import HubModel
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.examples, pytest.mark.timeout(1800)]
 
 EXAMPLES = REPO / "examples"
 GROUP, VERSION = "temper.dev", "v1alpha1"

@@ -88,6 +88,9 @@ def test_builtin_formats() -> None:
     assert [m["role"] for m in chat[0]["messages"]] == ["user", "assistant", "user", "assistant"]
     prefs = builtin_records("builtin://arith?n=20", "preference")
     assert all(r["chosen"] != r["rejected"] for r in prefs)
+    # Every pair of both tasks, both splits: a near miss never folds back onto the answer (5 - 10).
+    for uri in ("builtin://arith?n=800", "builtin://subtract?n=700", "builtin://arith?n=200&split=eval"):
+        assert all(r["chosen"] != r["rejected"] for r in builtin_records(uri, "preference")), uri
     prompts = builtin_records("builtin://arith?n=5&split=eval", "prompt")
     assert all(set(r) >= {"prompt", "answer", "task"} for r in prompts)
 

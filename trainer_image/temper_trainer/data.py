@@ -114,7 +114,10 @@ def task_split(task: str, split: str) -> list[Problem]:
 
 
 def _wrong_answer(task: str, answer: str, rng: random.Random) -> str:
-    return str(abs(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10])))  # a plausible near miss
+    """A plausible near miss, never the answer itself (5 - 10 would fold back to 5)."""
+    value, offset = int(answer), rng.choice([-10, -2, -1, 1, 2, 10])
+    miss = abs(value + offset)
+    return str(value - offset if miss == value else miss)
 
 
 def _builtin_query(uri: str) -> tuple[str, int, int, int, str, dict[str, str]]:
