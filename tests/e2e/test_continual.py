@@ -30,6 +30,7 @@ from temper_dev.cluster import Cluster
 from temper_dev.s3server import S3Server
 from temper_trainer.data import builtin_records
 
+from tests.e2e.conftest import wait_until
 from tests.e2e.prometheus_checks import panel_data, wait_firing
 from tests.fixtures.prometheus import Monitoring
 
@@ -133,16 +134,6 @@ def _run(
     }
 
 
-def _wait(what: str, probe: Callable[[], Any], on_fail: Callable[[], str], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}\n{on_fail()}")
-
-
 RUNS = ("replay", "strict")
 
 
@@ -214,7 +205,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
             return f"runs: {json.dumps(summary, default=str)[:3000]}\noperator log:\n{operator.log()[-4000:]}"
 
         def wait_cycle(name: str, cycle: int) -> dict[str, Any]:
-            entry: dict[str, Any] = _wait(
+            entry: dict[str, Any] = wait_until(
                 f"{name} cycle {cycle}", lambda: cycle_done(name, cycle), debug, 420
             )
             return entry
@@ -288,7 +279,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
             }
         ]
         # The alias moved: the new Adapter lists it, the old one no longer does.
-        _wait(
+        wait_until(
             "Adapter status.aliases after promotion",
             lambda: adapter_aliases({ok["adapter"]: ["stable"], first["replay"]["adapter"]: []}),
             debug,
@@ -325,7 +316,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         assert forgetting > STRICT_GATE
         assert strict_run["status"]["aliases"][0]["adapter"] == first["strict"]["adapter"]
         assert blocked["adapter"] != first["strict"]["adapter"]
-        _wait(
+        wait_until(
             "a blocked adapter gets no alias",
             lambda: adapter_aliases({first["strict"]["adapter"]: ["stable"], blocked["adapter"]: []}),
             debug,
@@ -374,8 +365,8 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
                 and aliases[0]["adapter"] == g1
             )
 
-        _wait("rollback to cycle 1", rolled_back, debug, 60)
-        _wait(
+        wait_until("rollback to cycle 1", rolled_back, debug, 60)
+        wait_until(
             "Adapter status.aliases after rollback",
             lambda: adapter_aliases({g1: ["stable"], ok["adapter"]: []}),
             debug,
@@ -385,7 +376,7 @@ def test_replay_keeps_the_gate_passing_and_no_replay_is_blocked(
         core.patch_namespaced_config_map(
             cm_name, namespace, {"data": {"adapter": first["strict"]["adapter"]}}
         )
-        _wait(
+        wait_until(
             "rollback refused",
             lambda: (
                 core.read_namespaced_config_map(cm_name, namespace).data["adapter"] == g1

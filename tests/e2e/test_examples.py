@@ -27,7 +27,6 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from temper_dev.s3server import FAKE_CREDENTIALS, S3Server
 from temper_trainer.data import builtin_records
 
 from tests.cluster.test_operator_pipeline import Api
-from tests.e2e.conftest import FAST_ENV
+from tests.e2e.conftest import FAST_ENV, wait_until
 from tests.fixtures.hub import HubModel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.examples, pytest.mark.timeout(1800)]
@@ -220,16 +219,6 @@ def examples_operator(
         operator.uninstall()
 
 
-def _wait(what: str, probe: Callable[[], Any], timeout: float, detail: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail()}")
-
-
 def _terminal(api: Api, name: str) -> str | None:
     return "Succeeded" if api.succeeded(name) else "Failed" if api.failed(name) else None
 
@@ -289,7 +278,7 @@ class Examples:
 def _continual_and_adapters(ex: Examples, cluster: Cluster, hermetic: dict[str, Any], tmp: Path) -> None:
     """Two triggered cycles of the continual example, then the adapter examples over its outputs."""
     api, name = ex.api, hermetic[CONTINUAL]["metadata"]["name"]
-    first = _wait("continual cycle 1", lambda: ex.cycle(name, 1), WAIT, ex.detail)
+    first = wait_until("continual cycle 1", lambda: ex.cycle(name, 1), ex.detail, WAIT)
     assert first["state"] == "Succeeded", (first, ex.detail())
     for key in _cycle_keys(ex.bucket):
         ex.storage.put_bytes(key, _tickets(2))  # the next week's tickets land
@@ -299,8 +288,8 @@ def _continual_and_adapters(ex: Examples, cluster: Cluster, hermetic: dict[str, 
     active = {**retire, "spec": {**retire["spec"], "lifecycle": "active"}}
     ex.apply(cluster, [active], tmp / "adapter-active.yaml")
     support = retire["metadata"]["name"]
-    _wait(f"Adapter {support} Ready", lambda: ex.ready(support), 300, ex.detail)
-    second = _wait("continual cycle 2", lambda: ex.cycle(name, 2), WAIT, ex.detail)
+    wait_until(f"Adapter {support} Ready", lambda: ex.ready(support), ex.detail, 300)
+    second = wait_until("continual cycle 2", lambda: ex.cycle(name, 2), ex.detail, WAIT)
     assert second["state"] == "Succeeded", (second, ex.detail())
     ex.rows[CONTINUAL] = f"2 cycles, gates {first.get('gates')}/{second.get('gates')}"
     # Cycle 2 trained on its new data plus 20% replayed from cycle 1's.
@@ -325,7 +314,7 @@ def _continual_and_adapters(ex: Examples, cluster: Cluster, hermetic: dict[str, 
     }
     ex.apply(cluster, [legal, merge], tmp / "adapter-merge.yaml")
     merged = merge["metadata"]["name"]
-    _wait(f"merged Adapter {merged} Ready", lambda: ex.ready(merged), 600, ex.detail)
+    wait_until(f"merged Adapter {merged} Ready", lambda: ex.ready(merged), ex.detail, 600)
     artifact = ex.storage.verify_manifest(merge["spec"]["artifact"]["uri"])
     assert artifact.ok, artifact.problems
     ex.rows["adapter-merge"] = f"{merged} Ready (linear, verified)"
@@ -340,7 +329,7 @@ def _continual_and_adapters(ex: Examples, cluster: Cluster, hermetic: dict[str, 
         conds = ((ex.adapter(support) or {}).get("status") or {}).get("conditions") or []
         return next((c for c in conds if c["type"] == "ArtifactDeleted"), None)
 
-    condition = _wait(f"{support}'s retention decision", kept, 120, ex.detail)
+    condition = wait_until(f"{support}'s retention decision", kept, ex.detail, 120)
     assert (condition["status"], condition["reason"]) == ("False", "RetentionRefused"), condition
     assert "still catalogued by Adapter" in condition["message"], condition
     assert ex.storage.exists(uri), "a live Adapter's files were deleted"
@@ -487,8 +476,8 @@ def test_every_example_runs_through_the_helm_installed_operator(
             if stem == CONTINUAL:
                 continue
             name = body["metadata"]["name"]
-            _wait(f"{stem} finished", lambda n=name: _terminal(ex.api, n), WAIT, ex.detail)
-        _wait(f"{REGRESSED} finished", lambda: _terminal(ex.api, REGRESSED), WAIT, ex.detail)
+            wait_until(f"{stem} finished", lambda n=name: _terminal(ex.api, n), ex.detail, WAIT)
+        wait_until(f"{REGRESSED} finished", lambda: _terminal(ex.api, REGRESSED), ex.detail, WAIT)
         finished = time.monotonic()
         gate_message = _assert_gates_failed(ex)
         for stem, body in runs.items():
