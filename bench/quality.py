@@ -86,7 +86,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     parser.add_argument("--rows", type=Path, help="re-tabulate the per-seed JSON lines of an earlier run")
     args = parser.parse_args()

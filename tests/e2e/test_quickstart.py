@@ -135,9 +135,9 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
         assert verified.ok, f"{stage['name']}: {verified.problems}"
 
     # Every number is on held-out problems (issue 16: unique, never trained on, never in the tiny
-    # model's pretraining). SFT on them teaches the format, not multi-digit addition (bench/quality.py:
-    # +2.7 points exact match): the stage's own baseline is the untrained base in the same format,
-    # the held-out loss falls, exact match does not drop, and DPO reports held-out accuracy.
+    # model's pretraining). The bench's properties, with margins (bench/quality.py, docs/trainer.md:
+    # SFT gain +79 points, DPO held-out preference accuracy 0.96): the base knows the sums in its
+    # pretraining form and 0% in the SFT format; SFT makes it answer held-out items in the new format.
     metrics = {s["name"]: s.get("metrics") or {} for s in status["stages"]}
     heldout = next(d for d in body["spec"]["datasets"] if d["name"] == "arith-heldout")
     base_em = base_exact_match(tiny_model, heldout["uri"], heldout["format"])
@@ -147,12 +147,12 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     suite_loss = metrics["regress"]["suite/arith/loss"]
     print(f"quickstart: base EM {base_em:.2f}, SFT EM {sft_em:.2f}, after DPO {suite_em:.2f}; {metrics}")
     assert sft["eval/exact_match_before"] == pytest.approx(base_em)
-    assert sft_em >= base_em, metrics
-    assert sft["eval/loss"] < 3.0, metrics  # the base model's held-out loss: 5.13
-    assert "eval/exact_match_pretrain_format_before" in sft
+    assert sft_em - base_em >= 0.3, metrics  # the bench's goal: +30 points (measured there: +79)
+    assert sft["eval/exact_match_pretrain_format_before"] >= 0.8, metrics  # the skill is the base's
+    assert sft["eval/loss"] < 1.0, metrics  # the base model's held-out loss: ~5
     assert sft["drift/kl_to_base"] > 0
     align = metrics["align"]
-    assert "eval/preference_accuracy" in align, align  # held out, not the training pairs
+    assert align["eval/preference_accuracy"] >= 0.85, align  # held out, not the training pairs
     assert align["drift/kl_to_parent"] >= 0
     assert metrics["align"]["train/steps"] > 0
 
@@ -165,13 +165,14 @@ def test_quickstart_runs_sft_dpo_eval_to_verified_ready_adapters(
     assert arith["outcome"] == "Passed", (arith, regress)
     assert arith["baselineSource"] == f"adapter {status['stages'][0]['adapter']}"
     assert arith["value"] == suite_loss
-    assert evals["arith-em"]["outcome"] == "Reported"
+    assert evals["arith-em"]["outcome"] == "Passed", evals
     assert evals["arith-em"]["value"] == suite_em
     assert arith["maxRegression"] == suite["maxRegression"]
     assert (arith["run"], arith["stage"], arith["cycle"]) == (name, "regress", 1)
     assert arith["time"] == regress["completionTime"]
     assert regress["message"].startswith("regression gates passed:"), regress
     assert "suite arith loss: baseline" in regress["message"], regress
+    assert "suite arith-em exact_match: baseline" in regress["message"], regress
     assert "RegressionGatesPassed" in [e.reason for e in api.events(name)]
     lineage = adapters[status["stages"][1]["adapter"]]["status"]["lineage"]
     assert "arith-prefs" in {d["name"] for d in lineage["datasets"]}, lineage  # DPO lists its data

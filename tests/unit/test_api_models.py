@@ -188,7 +188,7 @@ def test_stage_maps_onto_the_contract() -> None:
     )
     # The trainer revalidates the JSON with the contract model alone: nothing API-only leaks in.
     again = contract.StageContract.from_env(stage_contract.to_env())
-    assert again.peft.r == 8
+    assert again.peft.r == 16
     assert again.hyperparameters.learning_rate == pytest.approx(sft.hyperparameters.learning_rate)
     assert again.hyperparameters.packing is sft.hyperparameters.packing
     assert again.data.train[0].uri.startswith("builtin://arith")

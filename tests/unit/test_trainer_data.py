@@ -57,6 +57,19 @@ def test_pretraining_corpus_never_contains_an_eval_item() -> None:
     assert len(seen) > 1000  # and it does teach the training problems
 
 
+def test_pretraining_loss_is_on_the_answers_only() -> None:
+    from temper_trainer.tinymodel import _answer_batch, _pretrain_texts, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    pairs = _pretrain_texts(tokenizer, 64, 1234)
+    assert any(c.startswith("<|user|>") for c, _ in pairs), "the chat frame is in the corpus"
+    batch = _answer_batch(tokenizer, pairs)
+    for row, (context, answer) in enumerate(pairs):
+        labels = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert tokenizer.decode(labels) == answer, (context, answer)
+        assert context.endswith((" is ", "<|assistant|>"))
+
+
 def test_eval_splits_are_unique_and_bounded() -> None:
     pool = len(task_split("arith", "eval"))
     records = builtin_records(f"builtin://arith?n={pool}&split=eval", "prompt")

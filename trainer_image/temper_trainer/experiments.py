@@ -29,9 +29,9 @@ def _contract(
         "baseModel": "builtin://tiny",
         "storage": {"endpointUrl": endpoint},
         "output": {"prefix": f"{prefix.rstrip('/')}/{name}/"},
-        "peft": {"method": "lora", "r": 8, "alpha": 16},
+        "peft": {"method": "lora", "r": 16, "alpha": 32},
         "data": {"train": train, "eval": eval_},
-        "hyperparameters": {"learningRate": 3e-3, "batchSize": 16, "packing": True, "maxGradNorm": 0},
+        "hyperparameters": {"learningRate": 3e-3, "batchSize": 16, "packing": True, "maxGradNorm": 1.0},
         "checkpoint": {"everySteps": 1000},
         "progressIntervalSeconds": 60,
     }
@@ -146,7 +146,7 @@ def _builtin(task: str, n: int, seed: int, split: str, fmt: str) -> dict[str, An
 
 
 def quality(
-    endpoint: str, prefix: str, seed: int, *, sft_steps: int = 100, heldout: int = 150
+    endpoint: str, prefix: str, seed: int, *, sft_steps: int = 200, heldout: int = 150
 ) -> dict[str, Any]:
     """One seed of ``bench/quality.py``: every number on held-out problems no stage trained on (nor
     the tiny model's pretraining), each stage run through the trainer's real entry point."""
@@ -208,8 +208,8 @@ def quality(
         "rm",
         "reward-model",
         seed,
-        data=prefs,
-        hyperparameters={"maxSteps": 40, "learningRate": 3e-3, "batchSize": 16, "maxLength": 32},
+        data={"train": [_builtin("arith", 800, s + 9, "train", "preference")], "eval": prefs["eval"]},
+        hyperparameters={"maxSteps": 400, "learningRate": 1e-3, "batchSize": 32, "maxLength": 32},
     )
     continual = _continual(endpoint, prefix, seed, parent, [arith_eval, sub_eval], steps=sft_steps)
     return {
