@@ -54,13 +54,14 @@ def test_sft_raises_heldout_exact_match_and_reloads_with_stock_peft(
     metrics = manifest.metrics
     print(f"held-out exact match: base {base_em:.2f} -> sft {after:.2f}; {metrics}")
     assert metrics["eval/exact_match_before"] == base_em  # the stage's own baseline, same format
-    # Held-out problems are truly unseen (issue 16), and 100 steps on 80 sums teach the tiny model
-    # the format, not multi-digit addition: measured 0.00 -> 0.05 exact, held-out loss 8.80 -> 1.85.
-    # The held-out loss must at least halve; exact match must not drop.
+    # Held-out problems are truly unseen (issue 16). The base knows the sums in its pretraining form
+    # (measured 1.00 on these 20) and none in the SFT format; 100 steps on 80 sums carry part of the
+    # skill into the new format: measured 0.00 -> 0.20 exact (the bench's 200 steps on 400: +79
+    # points). The held-out loss must at least halve; exact match must rise.
     assert metrics["eval/loss"] < 0.5 * base_loss, (base_loss, metrics)
-    assert after >= base_em
+    assert after >= base_em + 0.05, metrics
     # the base's score in its pretraining form is reported beside it: format vs skill
-    assert 0.0 <= metrics["eval/exact_match_pretrain_format_before"] <= 1.0
+    assert metrics["eval/exact_match_pretrain_format_before"] >= 0.8, metrics
     assert metrics["drift/kl_to_base"] > 0.0
     assert "drift/kl_to_parent" not in metrics  # trained from the base: no parent
     assert manifest.method == "lora"
