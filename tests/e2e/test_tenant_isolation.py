@@ -534,6 +534,7 @@ def ready_stays_true(scene: Scene) -> None:
         scene.cluster,
     )
     victim_adapter = VICTIM_ADAPTER
+    core = client.CoreV1Api(cluster.api_client())
     storage.client.delete_object(
         Bucket=bucket, Key=f"{a.ns}/runs/victim/g1/sft/attempts/1/adapter_config.json"
     )
@@ -548,12 +549,13 @@ def ready_stays_true(scene: Scene) -> None:
         assert lost
         ready = a.condition(name, "Ready")
         assert (ready["status"], ready["reason"]) == ("False", reason), ready
-        events = [
-            e.reason
-            for e in client.CoreV1Api(cluster.api_client()).list_namespaced_event(a.ns).items
-            if e.involved_object.name == name
-        ]
-        assert reason in events, events
+        # the event follows the status write: give it the time the condition got
+        wait_for(f"a {reason} event for {name}", partial(_has_event, core, a.ns, name, reason), 20, operator)
+
+
+def _has_event(core: client.CoreV1Api, namespace: str, name: str, reason: str) -> bool:
+    items = core.list_namespaced_event(namespace).items
+    return any(e.reason == reason and e.involved_object.name == name for e in items)
 
 
 def stalled(tenant: Tenant, name: str) -> bool:
