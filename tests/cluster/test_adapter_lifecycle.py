@@ -3,7 +3,6 @@ delete removes exactly the manifest's objects (finalizer), a merge with mismatch
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ from temper.api.contract import StorageConfig
 from temper.storage import Storage
 from temper_dev.cluster import Cluster
 from temper_dev.s3server import S3Server
+
+from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -43,13 +44,7 @@ def _adapter(name: str, uri: str, secret: str, **spec: Any) -> dict[str, Any]:
 
 
 def _wait(what: str, probe: Callable[[], Any], on_fail: Callable[[], str], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}\n{on_fail()}")
+    return wait_until(what, probe, on_fail, timeout, every=0.2)
 
 
 def _condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:

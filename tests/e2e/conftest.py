@@ -7,10 +7,8 @@ content-hash check when they are current, so running pytest directly never tests
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from temper_dev.cluster import Cluster
@@ -19,18 +17,6 @@ from temper_dev.s3server import S3Server
 
 from tests.fixtures.operator import install_crds
 from tests.fixtures.prometheus import Monitoring
-
-
-def wait_until(what: str, probe: Callable[[], Any], on_fail: Callable[[], str], timeout: float) -> Any:
-    """``probe()``'s first truthy value, polled each second; on timeout, fails with ``on_fail()``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_fail()}")
-
 
 # The intervals of tests/fixtures/operator.py, so in-cluster tests are as quick.
 FAST_ENV = {

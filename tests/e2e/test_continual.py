@@ -30,9 +30,9 @@ from temper_dev.cluster import Cluster
 from temper_dev.s3server import S3Server
 from temper_trainer.data import builtin_records
 
-from tests.e2e.conftest import wait_until
 from tests.e2e.prometheus_checks import panel_data, wait_firing
 from tests.fixtures.prometheus import Monitoring
+from tests.fixtures.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

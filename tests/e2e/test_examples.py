@@ -45,8 +45,9 @@ from temper_dev.s3server import FAKE_CREDENTIALS, S3Server
 from temper_trainer.data import builtin_records
 
 from tests.cluster.test_operator_pipeline import Api
-from tests.e2e.conftest import FAST_ENV, wait_until
+from tests.e2e.conftest import FAST_ENV
 from tests.fixtures.hub import HubModel
+from tests.fixtures.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.examples, pytest.mark.timeout(1800)]
 
