@@ -88,6 +88,8 @@ class OperatorConfig:
     progress_interval_seconds: float = 30.0
     trainer_progress_interval_seconds: int = 10
     trainer_metrics_port: int = 9400
+    # A trainer pod keeps /metrics up at most this long after its stage, until a scrape read it.
+    trainer_metrics_final_scrape_seconds: int = 0
     master_port: int = 29500
     backoff_cap_seconds: int = 3600
     # Leader election (coordination.k8s.io Lease).
@@ -159,6 +161,9 @@ class OperatorConfig:
             progress_interval_seconds=_float(env, "TEMPER_PROGRESS_INTERVAL_SECONDS", 30.0, 0.1),
             trainer_progress_interval_seconds=_int(env, "TEMPER_TRAINER_PROGRESS_INTERVAL_SECONDS", 10, 1),
             trainer_metrics_port=_int(env, "TEMPER_TRAINER_METRICS_PORT", 9400, 1),
+            trainer_metrics_final_scrape_seconds=_int(
+                env, "TEMPER_TRAINER_METRICS_FINAL_SCRAPE_SECONDS", 0, 0
+            ),
             master_port=_int(env, "TEMPER_MASTER_PORT", 29500, 1),
             backoff_cap_seconds=_int(env, "TEMPER_BACKOFF_CAP_SECONDS", 3600, 0),
             leader_election=_bool(env, "TEMPER_LEADER_ELECTION", True),

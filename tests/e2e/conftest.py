@@ -47,10 +47,20 @@ def temper_crds(cluster: Cluster) -> None:
 
 @pytest.fixture
 def helm_operator(
-    cluster: Cluster, temper_crds: None, namespace: str, s3_server: S3Server
+    request: pytest.FixtureRequest,
+    cluster: Cluster,
+    temper_crds: None,
+    namespace: str,
+    s3_server: S3Server,
 ) -> Iterator[HelmOperator]:
     """``helm install charts/temper`` into the test's namespace (restricted Pod Security),
-    watching it; the operator pod runs on the exec node from the operator image."""
+    watching it; the operator pod runs on the exec node from the operator image.
+
+    Under ``helm_monitoring`` Prometheus scrapes the trainer pods, so they wait for a final scrape
+    (``trainer.metricsFinalScrapeSeconds``, as a user with a Prometheus of their own sets it): 15 s
+    covers Prometheus's 5 s target-update batching plus the 1 s interval.
+    """
+    watched = "helm_monitoring" in request.fixturenames
     operator = HelmOperator(
         Path(cluster.kubeconfig),
         namespace,
@@ -59,6 +69,7 @@ def helm_operator(
         storage_endpoint=s3_server.endpoint_url,
         extra_env=FAST_ENV,
         lease_seconds=5,
+        extra_values={"trainer": {"metricsFinalScrapeSeconds": 15}} if watched else {},
     )
     operator.install(timeout=180)
     try:

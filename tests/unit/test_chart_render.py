@@ -19,6 +19,7 @@ from tests.unit.test_chart_helm import (
     notes,
     one,
     render,
+    render_error,
 )
 
 pytestmark = pytest.mark.unit
@@ -205,6 +206,22 @@ def test_every_variable_the_chart_sets_is_read_by_the_operator() -> None:
     assert len(chart_vars) >= 12
     unread = sorted(v for v in chart_vars if f'"{v}"' not in sources)
     assert not unread, f"the chart sets variables operator/temper never reads: {unread}"
+
+
+def test_trainer_final_scrape_wait_follows_the_pod_monitor_unless_set() -> None:
+    from temper.config import OperatorConfig
+
+    def wait(values: dict[str, Any], api_versions: tuple[str, ...] = ()) -> int:
+        env = env_of(render(values, api_versions=api_versions))
+        return OperatorConfig.from_env(env).trainer_metrics_final_scrape_seconds
+
+    assert wait({}) == 0  # nobody scrapes the pods: they exit at once
+    pod_monitor = {"metrics": {"podMonitor": {"enabled": True}}}
+    api = ("monitoring.coreos.com/v1/PodMonitor",)
+    assert wait(pod_monitor, api) == 30  # two of its default 15 s intervals
+    assert wait({"trainer": {"metricsFinalScrapeSeconds": 5}}) == 5  # a Prometheus of your own
+    assert wait({**pod_monitor, "trainer": {"metricsFinalScrapeSeconds": 0}}, api) == 0
+    assert "metricsFinalScrapeSeconds" in render_error({"trainer": {"metricsFinalScrapeSeconds": -1}})
 
 
 def test_chart_defaults_match_the_operator_defaults() -> None:

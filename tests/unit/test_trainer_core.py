@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -153,6 +155,26 @@ def test_metrics_endpoint_serves_the_agreed_names() -> None:
     assert values["temper_trainer_tokens_per_second"] == 1234.0
     assert values["temper_trainer_reward"] == 0.5
     assert values["temper_trainer_kl"] == 0.01
+
+
+def test_metrics_endpoint_waits_for_a_scrape_of_the_final_values() -> None:
+    metrics = TrainerMetrics()
+    assert metrics.await_final_scrape(30) is False  # no server: nothing to wait for
+    port = free_port()
+    metrics.serve(port, addr="127.0.0.1")
+    url = f"http://127.0.0.1:{port}/metrics"
+    urllib.request.urlopen(url, timeout=5).read()
+    metrics.update(step=12, total=12, loss=0.5)  # the final values: the earlier scrape missed them
+    start = time.monotonic()
+    assert metrics.await_final_scrape(0.3) is False  # nobody scraped them: give up at the bound
+    assert time.monotonic() - start >= 0.3
+    assert metrics.await_final_scrape(30, stopping=lambda: True) is False  # SIGTERM: no waiting
+    scraper = threading.Timer(0.3, lambda: urllib.request.urlopen(url, timeout=5).read())
+    scraper.start()
+    start = time.monotonic()
+    assert metrics.await_final_scrape(30) is True  # returns once a scrape read them
+    scraper.join()
+    assert metrics.await_final_scrape(30) is True  # already scraped: at once
 
 
 def test_checkpoints_resume_from_newest_complete_and_prune(

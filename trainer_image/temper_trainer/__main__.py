@@ -21,7 +21,7 @@ import tempfile
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temper.api.contract import (
     CONTRACT_ENV,
@@ -33,6 +33,9 @@ from temper.api.contract import (
 )
 
 import temper_trainer
+
+if TYPE_CHECKING:
+    from temper_trainer.stage import StageContext
 
 log = logging.getLogger("temper_trainer")
 TERMINATION_LIMIT = 4096
@@ -174,13 +177,9 @@ def _scratch(workdir: Path | None) -> Path:
 def _run_contract(
     contract: StageContract, storage: Any, workdir: Path | None, topology: Any
 ) -> tuple[int, StageResult]:
-    from temper.storage import S3Uri
-
     from temper_trainer import distributed
-    from temper_trainer.models import inherit_parent_revision
     from temper_trainer.progress import ProgressReporter
     from temper_trainer.stage import StageContext
-    from temper_trainer.stages import get_stage
 
     main = distributed.is_main_process()
     metrics = None
@@ -198,6 +197,24 @@ def _run_contract(
         metrics=metrics,
     )
     ctx.install_signal_handlers()
+    try:
+        return _run_stage_in(ctx, storage, topology)
+    finally:  # a pod that exits before Prometheus scraped it loses its final values
+        if metrics is not None:
+            metrics.await_final_scrape(
+                contract.metrics_final_scrape_seconds or 0, stopping=lambda: ctx.stop_requested
+            )
+
+
+def _run_stage_in(ctx: StageContext, storage: Any, topology: Any) -> tuple[int, StageResult]:
+    from temper.storage import S3Uri
+
+    from temper_trainer import distributed
+    from temper_trainer.models import inherit_parent_revision
+    from temper_trainer.stages import get_stage
+
+    contract = ctx.contract
+    main = distributed.is_main_process()
     log.info(
         "stage %s (%s) attempt %d of %s/%s, rank %d of %d",
         contract.stage.name,

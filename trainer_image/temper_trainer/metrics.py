@@ -1,14 +1,23 @@
 """The trainer pod's Prometheus endpoint (scraped through a PodMonitor).
 
 Gauges carry no labels: one pod is one stage attempt, and the PodMonitor adds pod/namespace.
+
+A stage can end between two scrapes (an eval stage often lives a few seconds), and its final values
+would then never reach Prometheus. ``await_final_scrape`` keeps the endpoint up until one scrape
+has read them, for at most ``metricsFinalScrapeSeconds`` of the contract (chart value
+``trainer.metricsFinalScrapeSeconds``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +26,9 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._updated = time.monotonic()
+        self._scraped = threading.Event()  # set by a scrape that began after the last update
+        r.register(_ScrapeWitness(self))  # first: a scrape notes its start before reading a gauge
         self.loss = Gauge("temper_trainer_loss", "Latest training loss", registry=r)
         self.reward = Gauge("temper_trainer_reward", "Latest mean reward (RL stages)", registry=r)
         self.kl = Gauge("temper_trainer_kl", "Latest KL to the reference policy (RL stages)", registry=r)
@@ -56,6 +68,8 @@ class TrainerMetrics:
         kl: float | None = None,
         **_ignored: float,
     ) -> None:
+        self._updated = time.monotonic()
+        self._scraped.clear()
         self.step.set(step)
         self.progress_ratio.set(step / total if total else 0.0)
         for gauge, value in (
@@ -66,3 +80,40 @@ class TrainerMetrics:
         ):
             if value is not None and math.isfinite(value):
                 gauge.set(value)
+
+    def scraped(self, began: float) -> None:
+        if began >= self._updated:
+            self._scraped.set()
+
+    def await_final_scrape(
+        self, timeout: float, *, stopping: Callable[[], bool] = lambda: False, poll: float = 0.2
+    ) -> bool:
+        """Serve until a scrape has read the latest values, at most ``timeout`` s; True if one did.
+
+        Nothing waits when no server runs, ``timeout`` is 0, or a stop (SIGTERM) is due: the
+        grace period is the checkpoint's, not the metrics'.
+        """
+        if self.server is None or timeout <= 0:
+            return self._scraped.is_set()
+        deadline = time.monotonic() + timeout
+        while not self._scraped.is_set() and not stopping():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("no scrape of the final metrics within %.0f s; exiting", timeout)
+                return False
+            self._scraped.wait(min(poll, left))
+        return self._scraped.is_set()
+
+
+class _ScrapeWitness:
+    """A collector that yields nothing and notes when a scrape (a registry collect) begins."""
+
+    def __init__(self, metrics: TrainerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:  # no collect() at registration: that is not a scrape
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        self.metrics.scraped(time.monotonic())
+        return iter(())

@@ -278,6 +278,8 @@ class StageContract(_Strict):
     seed: int = 42
     progress_interval_seconds: int = Field(10, alias="progressIntervalSeconds", ge=1)
     metrics_port: int | None = Field(None, alias="metricsPort", ge=1, le=65535)
+    # After the stage, keep /metrics up until one scrape read the final values, at most this long.
+    metrics_final_scrape_seconds: int | None = Field(None, alias="metricsFinalScrapeSeconds", ge=0, le=600)
 
     def to_env(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)

@@ -135,6 +135,7 @@ def stage_contract(
         seed=stage.seed,
         progress_interval_seconds=config.trainer_progress_interval_seconds,
         metrics_port=config.trainer_metrics_port,
+        metrics_final_scrape_seconds=config.trainer_metrics_final_scrape_seconds or None,
     )
 
 
