@@ -22,10 +22,8 @@ stay, because the operator's own Adapter of that stage still catalogues them.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,14 +57,6 @@ PRIORITY_CLASS = "training-low"
 GPU_ONLY = {"peft-qlora": ("sft", ("qlora", "CUDA"))}
 CONTINUAL = "continual-replay-gates"
 ADAPTER_EXAMPLES = ("adapter-merge", "adapter-retire")
-# The gates pass eval-regression-suites; the same run with a destructive SFT (2 unclipped steps at
-# learning rate 3.0) over a good addition adapter must fail them against it, naming the numbers.
-GATED = "eval-regression-suites"
-REGRESSED = f"{GATED}-regressed"
-GATE_LOSS = re.compile(
-    r"suite old-task-loss loss: baseline ([\d.]+) \(adapter [\w-]+\) -> ([\d.]+), drop ([\d.]+)% exceeds "
-    r"maxRegression 5\.00%"
-)
 # Examples another e2e test applies as written, with stronger assertions than a few steps allow.
 COVERED_ELSEWHERE = {"quickstart": "tests/e2e/test_quickstart.py (its full steps, learning and dashboards)"}
 WAIT = 1200.0
@@ -360,62 +350,6 @@ def _assert_hub_run(ex: Examples, run: dict[str, Any], shas: dict[str, str], hub
     assert HF_TOKEN not in text
 
 
-def regressed_variant(gated: dict[str, Any]) -> dict[str, Any]:
-    """eval-regression-suites with a real regression: learn-subtraction continues a good
-    addition adapter (learn-addition, the quickstart's SFT recipe) and destroys it (2 unclipped
-    steps at lr 3.0). The suites and thresholds are the example's; the baseline is the evaluated
-    adapter's parent, learn-addition, measured in the same eval stage. (Against the untrained base
-    the gate has nothing to lose: the base scores ~0 in the SFT format.)"""
-    run = copy.deepcopy(gated)
-    run["metadata"]["name"] = REGRESSED
-    spec = run["spec"]
-    spec["storage"]["uri"] = spec["storage"]["uri"].replace(f"/{GATED}/", f"/{REGRESSED}/")
-    spec["datasets"].append(
-        {"name": "add", "uri": "builtin://arith?n=400&seed=22&split=train", "format": "prompt-completion"}
-    )
-    learn_addition = {
-        "name": "learn-addition",
-        "type": "sft",
-        "peft": {"method": "lora", "r": 16, "alpha": 32},
-        "data": {"train": ["add"]},
-        "hyperparameters": {"maxSteps": 200, "learningRate": 3.0e-3, "batchSize": 16, "maxLength": 32},
-    }
-    sft = spec["stages"][0]
-    sft["from"] = "learn-addition"
-    sft["hyperparameters"] = {**sft["hyperparameters"], "maxSteps": 2, "learningRate": 3.0, "maxGradNorm": 0}
-    spec["stages"].insert(0, learn_addition)
-    return run
-
-
-def _assert_gates_failed(ex: Examples) -> str:
-    """The regressed run failed on its gate, the condition and event naming suite, metric, baseline,
-    value and threshold; the eval published no Adapter and the evaluated SFT Adapter stays Ready
-    with the verdict in its status.evals (nothing lost)."""
-    api = ex.api
-    assert api.failed(REGRESSED), (REGRESSED, api.run(REGRESSED)["status"])
-    message = api.condition(REGRESSED, "Failed")["message"]
-    assert message.startswith("stage regress failed: regression gate failed: "), message
-    loss = GATE_LOSS.search(message)
-    assert loss is not None, message
-    assert float(loss[2]) > 1.05 * float(loss[1]), message  # measured: the destroyed SFT is worse
-    assert api.condition(REGRESSED, "Stalled")["reason"] == "RegressionGateFailed"
-    events = {e.reason: e for e in api.events(REGRESSED)}
-    assert events["RegressionGateFailed"].type == "Warning", events
-    assert loss[0] in events["RegressionGateFailed"].message, events["RegressionGateFailed"].message
-    regress, sft = api.stage(REGRESSED, "regress"), api.stage(REGRESSED, "learn-subtraction")
-    assert (regress["state"], sft["state"]) == ("Failed", "Succeeded"), api.run(REGRESSED)["status"]
-    assert "adapter" not in regress, regress
-    assert ex.ready(sft["adapter"]), ex.adapter(sft["adapter"])
-    parent = api.stage(REGRESSED, "learn-addition")["adapter"]
-    verdict = (ex.adapter(sft["adapter"]) or {})["status"]["evals"]["old-task-loss"]
-    assert (verdict["outcome"], verdict["baselineSource"], verdict["maxRegression"]) == (
-        "Failed",
-        f"adapter {parent}",
-        0.05,
-    ), verdict
-    return message
-
-
 def _assert_run(ex: Examples, stem: str, body: dict[str, Any]) -> dict[str, Any]:
     api, name = ex.api, body["metadata"]["name"]
     run = api.run(name)
@@ -486,7 +420,7 @@ def test_every_example_runs_through_the_helm_installed_operator(
         )
         annotations = runs[CONTINUAL]["metadata"].setdefault("annotations", {})
         annotations["temper.dev/trigger-cycle"] = "1"  # kubectl annotate: the schedule is weekly
-        ex.apply(cluster, [*runs.values(), regressed_variant(runs[GATED])], tmp_path / "examples.yaml")
+        ex.apply(cluster, list(runs.values()), tmp_path / "examples.yaml")
         applied = time.monotonic()
 
         _continual_and_adapters(ex, cluster, hermetic, tmp_path)
@@ -495,9 +429,7 @@ def test_every_example_runs_through_the_helm_installed_operator(
                 continue
             name = body["metadata"]["name"]
             wait_until(f"{stem} finished", lambda n=name: _terminal(ex.api, n), ex.detail, WAIT)
-        wait_until(f"{REGRESSED} finished", lambda: _terminal(ex.api, REGRESSED), ex.detail, WAIT)
         finished = time.monotonic()
-        gate_message = _assert_gates_failed(ex)
         for stem, body in runs.items():
             if stem != CONTINUAL:
                 run = _assert_run(ex, stem, body)
@@ -511,7 +443,6 @@ def test_every_example_runs_through_the_helm_installed_operator(
             "setup_seconds": round(applied - started, 1),
             "apply_to_all_finished_seconds": round(finished - applied, 1),
             "outcomes": dict(sorted(ex.rows.items())),
-            REGRESSED: gate_message,
         }
         print("examples e2e:", json.dumps(report, indent=1))
         assert set(ex.rows) | set(COVERED_ELSEWHERE) == set(docs), set(docs) - set(ex.rows)
