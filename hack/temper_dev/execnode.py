@@ -390,7 +390,7 @@ def nss_wrapper_library() -> Path | None:
     explicit = os.environ.get(NSS_WRAPPER_ENV)
     if explicit:
         return Path(explicit) if Path(explicit).is_file() else None
-    roots = [Path("/usr/lib"), Path.home() / ".cache" / "temper" / "nss-wrapper"]
+    roots = [Path("/usr/lib"), oci.cache_root() / "nss-wrapper"]  # where build-tools.sh puts it
     for root in roots:
         found = sorted(root.glob("**/libnss_wrapper.so*")) if root.is_dir() else []
         if found:

@@ -50,11 +50,19 @@ class ContainerConfigError(ValueError):
     """The container cannot be created as asked (kubelet: CreateContainerConfigError)."""
 
 
+def cache_root() -> Path:
+    """hack/build-tools.sh's and setup-host.sh's cache: ``$TEMPER_CACHE``, else ~/.cache/temper.
+
+    The account's home, not ``$HOME``: the hermetic cluster gives its components (the exec node
+    among them) a HOME of their own, where the cache is not.
+    """
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    return Path(os.environ.get("TEMPER_CACHE") or home / ".cache" / "temper")
+
+
 def storage_env(cache: Path | None = None) -> dict[str, str]:
     """CONTAINERS_* for the one storage and config that hack/setup-host.sh writes."""
-    # The account's home, not $HOME: the hermetic cluster gives its components their own HOME.
-    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-    root = (cache or Path(os.environ.get("TEMPER_CACHE") or home / ".cache" / "temper")) / "containers"
+    root = (cache or cache_root()) / "containers"
     return {
         "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
         "CONTAINERS_CONF": str(root / "containers.conf"),

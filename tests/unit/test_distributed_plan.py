@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+from pathlib import Path
 from typing import Any
 
 import pytest
 from temper.api.contract import EXIT_INVALID_INPUT, EXIT_OK, EXIT_PREEMPTED, StageContract, Topology
 from temper.api.run import PostTrainingRun, StageResources
-from temper_dev.execnode import hosts_file_text, pod_dns_names
+from temper_dev import oci
+from temper_dev.execnode import NSS_WRAPPER_ENV, hosts_file_text, nss_wrapper_library, pod_dns_names
 from temper_trainer import distributed
 from temper_trainer.launch import LaunchError, compose_result, launch_config, plan_launch
 from temper_trainer.stage import Unsupported
@@ -161,6 +165,23 @@ def test_exec_node_resolves_pod_dns_names_of_indexed_job_pods_to_loopback() -> N
     assert pod_dns_names({"metadata": {}, "spec": {"hostname": "x"}}) == []
     text = hosts_file_text({"u": names})
     assert text.splitlines() == [f"127.0.0.1 {' '.join(names)}", f"::1 {' '.join(names)}"]
+
+
+def test_exec_node_finds_nss_wrapper_in_the_build_cache_under_its_own_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hermetic cluster gives the exec node its own HOME; hack/build-tools.sh extracts the
+    # library into the account's cache. A fresh machine without the system package failed here.
+    lib = tmp_path / "cache" / "nss-wrapper" / "usr" / "lib" / "x86_64-linux-gnu" / "libnss_wrapper.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv(NSS_WRAPPER_ENV, raising=False)
+    monkeypatch.setenv("TEMPER_CACHE", str(tmp_path / "cache"))
+    system = sorted(Path("/usr/lib").glob("**/libnss_wrapper.so*"))
+    assert nss_wrapper_library() == (system[0] if system else lib)
+    monkeypatch.delenv("TEMPER_CACHE")
+    assert oci.cache_root() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "temper"
 
 
 def test_strategy_and_nodes_travel_in_the_contract_and_world_size_counts_processes() -> None:
