@@ -328,3 +328,22 @@ def test_platform_default_resources_under_the_stage_values() -> None:
     own = _job(PostTrainingRun.model_validate(raw), config=config)["spec"]["template"]["spec"]
     assert own["containers"][0]["resources"]["requests"]["memory"] == "8Gi"
     assert own["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
+
+
+def test_math_threads_follow_the_containers_cpus() -> None:
+    import dataclasses
+
+    from temper.api.contract import CPU_THREADS_ENV
+    from temper.builders.job import cpu_threads
+
+    assert cpu_threads({"requests": {"cpu": "1"}}) == 1
+    assert cpu_threads({"requests": {"cpu": "300m"}}) == 1  # at least one
+    assert cpu_threads({"requests": {"cpu": "2500m"}, "limits": {"cpu": 4}}) == 4  # the limit first
+    assert cpu_threads({"requests": {"cpu": "7.9"}}) == 7  # whole CPUs: never more threads than CPUs
+    assert cpu_threads({"limits": {"memory": "1Gi"}}) is None  # no CPU: the trainer takes the node's
+    config = dataclasses.replace(CONFIG, trainer_resources={"requests": {"cpu": "3"}})
+    assert _env(_job(_run(), config=config))[CPU_THREADS_ENV]["value"] == "3"
+    raw = sample_run()
+    raw["spec"]["stages"][0]["resources"] = {"cpu": "8"}
+    assert _env(_job(PostTrainingRun.model_validate(raw), config=config))[CPU_THREADS_ENV]["value"] == "8"
+    assert CPU_THREADS_ENV not in _env(_job(_run()))  # the operator's own default sets no CPU

@@ -13,7 +13,7 @@ from temper.api.run import PostTrainingRun, StageResources
 from temper_dev import oci
 from temper_dev.execnode import NSS_WRAPPER_ENV, hosts_file_text, nss_wrapper_library, pod_dns_names
 from temper_trainer import distributed
-from temper_trainer.launch import LaunchError, compose_result, launch_config, plan_launch
+from temper_trainer.launch import LaunchError, compose_result, launch_config, math_threads, plan_launch
 from temper_trainer.stage import Unsupported
 
 pytestmark = pytest.mark.unit
@@ -35,6 +35,15 @@ def test_one_cpu_pod_is_one_process_and_gpus_set_the_workers_per_node() -> None:
     assert (plan.world_size, plan.nproc_per_node, plan.node_rank) == (1, 1, 0)
     assert plan_launch(contract(), {}, cuda_devices=8).world_size == 8
     assert plan_launch(contract(), {"TEMPER_NPROC_PER_NODE": "2"}, cuda_devices=0).world_size == 2
+
+
+def test_math_threads_share_the_pods_cpus_among_its_workers_unless_the_user_set_them() -> None:
+    assert math_threads({"TEMPER_CPU_THREADS": "1"}, 1, cpu_count=64) == 1  # a 1-CPU pod on a big node
+    assert math_threads({"TEMPER_CPU_THREADS": "16"}, 8, cpu_count=64) == 2  # 8 GPU workers
+    assert math_threads({"TEMPER_CPU_THREADS": "4"}, 8, cpu_count=64) == 1
+    assert math_threads({}, 2, cpu_count=8) == 4  # no CPU request: the machine's, as before
+    assert math_threads({"TEMPER_CPU_THREADS": "x"}, 1, cpu_count=None) == 1
+    assert math_threads({"OMP_NUM_THREADS": "6", "TEMPER_CPU_THREADS": "1"}, 1, cpu_count=64) is None
 
 
 def test_multi_node_rank_is_the_completion_index_and_rendezvous_is_static_at_pod_0() -> None:

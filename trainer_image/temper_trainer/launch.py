@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from temper.api.contract import (
+    CPU_THREADS_ENV,
     EXIT_INVALID_CONTRACT,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -184,6 +185,21 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def math_threads(env: Mapping[str, str], nproc_per_node: int, cpu_count: int | None) -> int | None:
+    """Math (OpenMP) threads per process: the pod's CPUs shared by its workers, at least 1.
+
+    The pod's CPUs are ``TEMPER_CPU_THREADS`` (the operator sets it from the container's CPU limit,
+    else its request), else the machine's. torch alone would take every core of the node, and on a
+    node shared with other pods its threads then spin against each other. None when the user set
+    ``OMP_NUM_THREADS`` (``spec.trainer.env``): theirs wins.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    raw = env.get(CPU_THREADS_ENV, "")
+    cpus = int(raw) if raw.isdigit() and int(raw) > 0 else (cpu_count or 1)
+    return max(1, cpus // max(1, nproc_per_node))
+
+
 def launch(raw: str | None) -> int:
     """The container's ``run``: in-process for one worker, else torchrun's agent over workers."""
     from temper_trainer.__main__ import run_stage, write_termination
@@ -200,6 +216,12 @@ def launch(raw: str | None) -> int:
         log.error("%s", exc)
         write_termination(StageResult(error=f"launch: {exc}"))
         return EXIT_INVALID_CONTRACT
+    threads = math_threads(os.environ, plan.nproc_per_node, os.cpu_count())
+    if threads is not None:  # the workers inherit it; this process may have imported torch already
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     if plan.world_size == 1:
         return run_stage(raw)
     return _launch_workers(contract, plan)
@@ -215,8 +237,6 @@ def _launch_workers(contract: StageContract, plan: LaunchPlan) -> int:
 
     results = Path(tempfile.mkdtemp(prefix="temper-ranks-"))
     os.environ[RANK_RESULTS_ENV] = str(results)
-    # Each worker gets its share of the cores (torchrun's CLI default would be 1 thread).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node)))
     try:
         strategy = resolve_strategy(contract, processes=plan.world_size, on_gpu=_cuda_devices() > 0)
     except Exception:  # the workers raise it again, with its exit code

@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONTRACT_ENV = "TEMPER_STAGE_CONTRACT"
+# The pod's CPUs for its math threads (its CPU limit, else request, rounded down); set by the operator.
+CPU_THREADS_ENV = "TEMPER_CPU_THREADS"
 CONTRACT_KIND = "StageContract"
 
 # Trainer exit codes. The operator's podFailurePolicy maps the non-retryable ones to FailJob.

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from temper.api.common import ModelCache
-from temper.api.contract import CONTRACT_ENV, EXIT_PREEMPTED, NON_RETRYABLE_EXIT_CODES, StageContract
+from temper.api.contract import (
+    CONTRACT_ENV,
+    CPU_THREADS_ENV,
+    EXIT_PREEMPTED,
+    NON_RETRYABLE_EXIT_CODES,
+    StageContract,
+)
 from temper.api.run import PostTrainingRun, Stage
 from temper.builders.contract import UnresolvedReference, spec_hash
 from temper.builders.names import (
@@ -94,6 +101,28 @@ def _resources(stage: Stage, run: PostTrainingRun, config: OperatorConfig) -> di
     if limits:
         out["limits"] = limits
     return out
+
+
+_SI = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def cpu_threads(resources: dict[str, Any]) -> int | None:
+    """Whole CPUs of the container, its limit else its request, at least 1; None if it sets neither.
+
+    The trainer sizes its math threads by it (``CPU_THREADS_ENV``): torch alone takes every core
+    of the node, and pods sharing a node would spin their threads against each other.
+    """
+    for kind in ("limits", "requests"):
+        value = (resources.get(kind) or {}).get("cpu")
+        if value is None:
+            continue
+        text = str(value)
+        try:
+            cores = float(text[:-1]) * _SI[text[-1]] if text[-1:] in _SI else float(text)
+        except ValueError:
+            return None  # a binary suffix on a CPU quantity: leave the threads to the trainer
+        return max(1, math.floor(cores))
+    return None
 
 
 def _rendezvous_env(job: str, nodes: int, gpus: int, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -300,6 +329,9 @@ def build_job(
     resources = _resources(stage, run, config)
     if resources:
         container["resources"] = resources
+    threads = cpu_threads(resources)
+    if threads is not None and CPU_THREADS_ENV not in {e["name"] for e in container["env"]}:
+        container["env"].append({"name": CPU_THREADS_ENV, "value": str(threads)})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # podFailurePolicy requires it; retries are new pods or new Jobs
         "automountServiceAccountToken": False,
