@@ -43,8 +43,10 @@ EXAMPLES = 64
 # with 30% replay -> 1.90 (-11%), without replay -> 2.50 (+17%). The same 10% gate tells them apart.
 REPLAY_GATE = 0.1
 STRICT_GATE = 0.1
-# Trainer pods run as processes on the exec node (it carries the GPU taint like the kwok nodes).
+# Trainer pods run on the exec node (it carries the GPU taint like the kwok nodes). One CPU each, as
+# the chart's default trainer request: the trainer then runs one math thread, not the node's two.
 EXEC = {
+    "cpu": "1",
     "nodeSelector": {"kubernetes.io/hostname": "exec-node"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
 }
