@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from temper.api.common import ModelCache
@@ -102,18 +103,25 @@ def _resources(stage: Stage, run: PostTrainingRun, config: OperatorConfig) -> di
     return out
 
 
+_SI = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
 def cpu_threads(resources: dict[str, Any]) -> int | None:
     """Whole CPUs of the container, its limit else its request, at least 1; None if it sets neither.
 
     The trainer sizes its math threads by it (``CPU_THREADS_ENV``): torch alone takes every core
     of the node, and pods sharing a node would spin their threads against each other.
     """
-    from kubernetes.utils import parse_quantity
-
     for kind in ("limits", "requests"):
         value = (resources.get(kind) or {}).get("cpu")
-        if value is not None:
-            return max(1, int(parse_quantity(value)))  # whole CPUs: rounded down
+        if value is None:
+            continue
+        text = str(value)
+        try:
+            cores = float(text[:-1]) * _SI[text[-1]] if text[-1:] in _SI else float(text)
+        except ValueError:
+            return None  # a binary suffix on a CPU quantity: leave the threads to the trainer
+        return max(1, math.floor(cores))
     return None
 
 
