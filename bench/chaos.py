@@ -60,7 +60,9 @@ from tests.fixtures.operator import install_crds  # noqa: E402
 
 EXEC = {"nodeSelector": {"kubernetes.io/hostname": "exec-node"}}
 EXEC_EVERY = 5
-TRAIN_STEPS = 24
+# Long enough (~13 s of training after the first checkpoint, on one idle core) that a preemption
+# still lands mid-training when an apiserver restart (~5 s) delays the harness's pod deletion.
+TRAIN_STEPS = 96
 CHECKPOINT_EVERY = 4
 FAULT_KINDS = (
     "operator_kill",
@@ -77,6 +79,7 @@ FAST_ENV = {
 }
 _SIGTERM_AT = re.compile(r"SIGTERM at step (\d+)/")
 _RESUMED_AT = re.compile(r"resuming from checkpoint step (\d+)")
+_SAVED_AT = re.compile(r"checkpoint saved at step (\d+)")
 
 
 @dataclass
@@ -242,12 +245,23 @@ class Campaign:
                 for p in listing.items
                 if p.metadata.labels.get("temper.dev/stage") == "sft" and p.status.phase == "Running"
             ]
-            if not pods:
+            if not pods or not self.still_training(pods[0].metadata.name):
                 continue
             api.core.delete_namespaced_pod(pods[0].metadata.name, api.ns)  # default grace: SIGTERM
             self.preempted.add(run)
             _say(f"preempted {pods[0].metadata.name}")
             self.faults["preemption"] += 1
+
+    def still_training(self, pod: str) -> bool:
+        """The pod's own log: its trainer is mid-training, with at least one step left to redo.
+
+        (The apiserver may still say Running after the trainer finished, or died in publish.)
+        """
+        text = "".join(
+            _read_logs(d) for d in (self.cluster.state_dir / "pods" / self.namespace / pod).glob("*/")
+        )
+        step = _last(_SAVED_AT, text) or _last(_RESUMED_AT, text)  # it trains, past its handlers
+        return step is not None and "failpoint" not in text and step < TRAIN_STEPS - CHECKPOINT_EVERY
 
     # the campaign
     def execute(self) -> dict[str, Any]:

@@ -103,6 +103,8 @@ def _resources(stage: Stage, run: PostTrainingRun, config: OperatorConfig) -> di
     return out
 
 
+# Decimal suffixes of a CPU quantity. Not ``kubernetes.utils.parse_quantity``: the operator process
+# keeps the generated client out of its imports on purpose (``temper.__main__``: 50 MB of RSS).
 _SI = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
 
 
