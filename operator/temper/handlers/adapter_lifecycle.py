@@ -58,11 +58,11 @@ async def reconcile(rt: Runtime, key: Key, adapter: dict[str, Any]) -> dict[str,
         patch = {"metadata": {"finalizers": [*finalizers, lifecycle.RETENTION_FINALIZER]}}
         adapter = _cached(rt, key, await rt.kube.patch(ADAPTER_PLURAL, namespace, name, patch), adapter)
     if retired:
-        desired: dict[str, Any] = {"phase": "Retired"}
         if lifecycle.should_delete_artifact(adapter, deleting=False):
-            desired["conditions"] = await _delete_artifact(rt, adapter)
-        adapter = await _patch_status(rt, adapter, desired)
-        return None if lifecycle.artifact_deleted(adapter) or "conditions" in desired else adapter
+            await _delete_artifact(rt, adapter, {"phase": "Retired"})  # the decision and the phase: one write
+            return None
+        adapter = await _patch_status(rt, adapter, {"phase": "Retired"})
+        return None if lifecycle.artifact_deleted(adapter) else adapter
     if not (adapter.get("status") or {}).get("conditions"):
         adapter = await _mark_pending(rt, adapter)
     if unmerged(adapter):
@@ -127,8 +127,8 @@ def _condition(adapter: dict[str, Any], new: dict[str, Any]) -> list[dict[str, A
     return upsert_condition((adapter.get("status") or {}).get("conditions") or [], new, _now())
 
 
-async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[str, Any]]:
-    """Delete the manifest's objects; returns the conditions recording it (also patched)."""
+async def _delete_artifact(rt: Runtime, adapter: dict[str, Any], also: dict[str, Any] | None = None) -> None:
+    """Delete the manifest's objects, then patch the condition recording it (and ``also``'s fields)."""
     namespace = str((adapter.get("metadata") or {}).get("namespace", ""))
     artifact = dict((adapter.get("spec") or {}).get("artifact") or {})
     uri = str(artifact.get("uri", ""))
@@ -145,7 +145,7 @@ async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[st
         storage = await rt.storage.get(namespace, artifact)
         result = await rt.storage.run(lambda: lifecycle.delete_artifact(storage, uri, namespace, verified))
     except lifecycle.RetentionRefused as exc:
-        return await _record_deletion(rt, adapter, "False", lifecycle.RETENTION_REFUSED, str(exc))
+        return await _record_deletion(rt, adapter, "False", lifecycle.RETENTION_REFUSED, str(exc), also=also)
     except (StorageError, lifecycle.LifecycleError) as exc:
         await rt.kube.emit(adapter, Event("Warning", "RetentionFailed", str(exc)))
         raise
@@ -153,20 +153,24 @@ async def _delete_artifact(rt: Runtime, adapter: dict[str, Any]) -> list[dict[st
     message = (
         "manifest already gone" if result.already_gone else f"deleted {len(result.deleted)} objects of {uri}"
     )
-    return await _record_deletion(rt, adapter, "True", "RetentionDelete", message)
+    return await _record_deletion(rt, adapter, "True", "RetentionDelete", message, also=also)
 
 
 async def _record_deletion(
-    rt: Runtime, adapter: dict[str, Any], status: str, reason: str, message: str
-) -> list[dict[str, Any]]:
+    rt: Runtime,
+    adapter: dict[str, Any],
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    also: dict[str, Any] | None,
+) -> None:
     condition = {"type": lifecycle.ARTIFACT_DELETED, "status": status, "reason": reason, "message": message}
-    conditions = _condition(adapter, condition)
-    await _patch_status(rt, adapter, {"conditions": conditions})
+    await _patch_status(rt, adapter, {**(also or {}), "conditions": _condition(adapter, condition)})
     event = (
         Event("Normal", "ArtifactDeleted", message) if status == "True" else Event("Warning", reason, message)
     )
     await rt.kube.emit(adapter, event)
-    return conditions
 
 
 async def _reconcile_merge(rt: Runtime, adapter: dict[str, Any]) -> dict[str, Any]:
